@@ -1,0 +1,582 @@
+//! The sampler chain: penalties → temperature → hook bias → truncation → draw.
+
+use std::cmp::Ordering;
+
+use crate::{RequestRng, SamplingParams, TokenId};
+
+/// What the sampler knows about the sequence at one step.
+///
+/// The prompt and the generated tokens are kept apart because they are treated
+/// differently: penalties of the OpenAI kind look only at generated tokens, and a
+/// watermark detector never scores prompt tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct StepContext<'a> {
+    /// Tokens of the prompt (after the chat template), as fed to the model.
+    pub prompt: &'a [TokenId],
+    /// Tokens generated so far in this choice.
+    pub generated: &'a [TokenId],
+}
+
+impl<'a> StepContext<'a> {
+    /// The last `n` tokens of prompt followed by generated (all when `n == 0`).
+    pub fn tail(&self, n: usize) -> impl Iterator<Item = TokenId> + 'a {
+        let total = self.prompt.len() + self.generated.len();
+        let skip = if n == 0 { 0 } else { total.saturating_sub(n) };
+        self.prompt
+            .iter()
+            .chain(self.generated.iter())
+            .skip(skip)
+            .copied()
+    }
+}
+
+/// The truncated, renormalised distribution the draw picks from, most likely first.
+#[derive(Clone, Copy, Debug)]
+pub struct Distribution<'a> {
+    /// Candidate tokens, in descending probability.
+    pub tokens: &'a [TokenId],
+    /// Their probabilities; they sum to 1.
+    pub probs: &'a [f32],
+}
+
+/// Where a watermark (or any other logits processor) plugs into the sampler without
+/// touching the decode loop.
+///
+/// The order is fixed: penalties → temperature → [`SamplingHook::bias`] → top-k /
+/// top-p / min-p → [`SamplingHook::draw`] (or the default inverse-CDF draw). A green-
+/// list scheme biases logits; a distortion-free scheme (Gumbel, tournament) replaces
+/// the draw on the truncated distribution. Greedy decoding (temperature 0) takes the
+/// argmax of the biased logits and never calls `draw`.
+pub trait SamplingHook: Send {
+    /// Adjust the logits, indexed by token id, after penalties and temperature.
+    fn bias(&mut self, _ctx: &StepContext<'_>, _logits: &mut [f32]) {}
+
+    /// Choose the token from the truncated distribution, or `None` for the default
+    /// draw with the request's uniform `u`.
+    fn draw(&mut self, _ctx: &StepContext<'_>, _dist: &Distribution<'_>) -> Option<TokenId> {
+        None
+    }
+
+    /// Told which token was chosen, after the choice.
+    fn on_token(&mut self, _ctx: &StepContext<'_>, _token: TokenId) {}
+}
+
+/// One sampled token and the log-probabilities that describe its step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The chosen token.
+    pub token: TokenId,
+    /// Log-probability of `token` under the distribution the sampler truncated: after
+    /// penalties, temperature (1 when greedy) and the hook's bias, before truncation.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens of that same distribution, most likely
+    /// first (empty unless asked for).
+    pub top_logprobs: Vec<(TokenId, f32)>,
+}
+
+/// The full sampler of one choice of one request. Pure Rust: used by the llama.cpp
+/// engine and, later, by candle students alike.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: RequestRng,
+    hook: Option<Box<dyn SamplingHook>>,
+    /// Scratch: the working logits (dense, by token id).
+    work: Vec<f32>,
+    /// Scratch: candidate ids and their probabilities after truncation.
+    ids: Vec<TokenId>,
+    probs: Vec<f32>,
+    /// Scratch: penalised tokens.
+    seen: Vec<TokenId>,
+}
+
+/// Above this many candidates, top-p first tries the most likely `TOP_P_PREFIX` only
+/// and sorts the whole vocabulary only if they do not reach the mass.
+const TOP_P_PREFIX: usize = 1024;
+
+impl Sampler {
+    /// A sampler for choice `choice` of a request. `params` must be valid
+    /// ([`SamplingParams::validate`]).
+    pub fn new(params: SamplingParams, choice: u64) -> Self {
+        let rng = RequestRng::new(params.seed, choice);
+        Self {
+            params,
+            rng,
+            hook: None,
+            work: Vec::new(),
+            ids: Vec::new(),
+            probs: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Attach a hook (e.g. a watermark scheme).
+    pub fn with_hook(mut self, hook: Box<dyn SamplingHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Choose the next token from `logits` (one per vocabulary entry).
+    ///
+    /// Draws exactly one value from the request's random stream, whatever the
+    /// parameters, so that choice streams stay aligned token by token.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        ctx: &StepContext<'_>,
+        top_logprobs: usize,
+    ) -> Sampled {
+        let u = self.rng.next_uniform();
+        self.work.clear();
+        self.work.extend_from_slice(logits);
+        self.apply_penalties(ctx);
+        if !self.params.is_greedy() && self.params.temperature != 1.0 {
+            let inv_t = 1.0 / self.params.temperature;
+            self.work.iter_mut().for_each(|l| *l *= inv_t);
+        }
+        if let Some(hook) = self.hook.as_mut() {
+            hook.bias(ctx, &mut self.work);
+        }
+        let log_z = log_sum_exp(&self.work);
+
+        let token = if self.params.is_greedy() {
+            argmax(&self.work)
+        } else {
+            self.truncate();
+            let dist = Distribution {
+                tokens: &self.ids,
+                probs: &self.probs,
+            };
+            let hooked = self.hook.as_mut().and_then(|h| h.draw(ctx, &dist));
+            hooked.unwrap_or_else(|| inverse_cdf(&dist, u))
+        };
+        if let Some(hook) = self.hook.as_mut() {
+            hook.on_token(ctx, token);
+        }
+
+        let top = if top_logprobs > 0 {
+            top_n(&self.work, top_logprobs)
+                .into_iter()
+                .map(|id| (id, self.work[id as usize] - log_z))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Sampled {
+            token,
+            logprob: self.work[token as usize] - log_z,
+            top_logprobs: top,
+        }
+    }
+
+    fn apply_penalties(&mut self, ctx: &StepContext<'_>) {
+        let p = &self.params;
+        let vocab = self.work.len();
+        if p.repetition_penalty != 1.0 {
+            self.seen.clear();
+            self.seen.extend(ctx.tail(p.penalty_last_n));
+            self.seen.sort_unstable();
+            self.seen.dedup();
+            for &t in &self.seen {
+                if let Some(l) = self.work.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            self.seen.clear();
+            self.seen.extend_from_slice(ctx.generated);
+            self.seen.sort_unstable();
+            for run in self.seen.chunk_by(|a, b| a == b) {
+                let t = run[0] as usize;
+                if t < vocab {
+                    self.work[t] -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// top-k → top-p → min-p on `work`, leaving the survivors in `ids`/`probs`,
+    /// most likely first, renormalised.
+    fn truncate(&mut self) {
+        let p = &self.params;
+        let work = &self.work;
+        let by_logit_desc = |a: &TokenId, b: &TokenId| -> Ordering {
+            work[*b as usize]
+                .total_cmp(&work[*a as usize])
+                .then(a.cmp(b))
+        };
+        self.ids.clear();
+        self.ids.extend(0..work.len() as TokenId);
+        if p.top_k > 0 && p.top_k < self.ids.len() {
+            self.ids.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            self.ids.truncate(p.top_k);
+        }
+        // Sort descending; for a large candidate set sort only a prefix when that
+        // prefix already holds the top-p mass (the usual case), else everything.
+        let max = self
+            .ids
+            .iter()
+            .map(|&i| work[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = self
+            .ids
+            .iter()
+            .map(|&i| f64::from((work[i as usize] - max).exp()))
+            .sum();
+        if p.top_p < 1.0 && self.ids.len() > TOP_P_PREFIX {
+            self.ids
+                .select_nth_unstable_by(TOP_P_PREFIX - 1, by_logit_desc);
+            let prefix_mass: f64 = self.ids[..TOP_P_PREFIX]
+                .iter()
+                .map(|&i| f64::from((work[i as usize] - max).exp()))
+                .sum();
+            if prefix_mass >= f64::from(p.top_p) * z {
+                self.ids.truncate(TOP_P_PREFIX);
+            }
+        }
+        self.ids.sort_unstable_by(by_logit_desc);
+
+        self.probs.clear();
+        self.probs.extend(
+            self.ids
+                .iter()
+                .map(|&i| ((f64::from((work[i as usize] - max).exp())) / z) as f32),
+        );
+        // top-p: smallest prefix with mass >= top_p (always at least one token).
+        if p.top_p < 1.0 {
+            let mut cum = 0.0f64;
+            let mut keep = self.probs.len();
+            for (i, &q) in self.probs.iter().enumerate() {
+                cum += f64::from(q);
+                if cum >= f64::from(p.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.ids.truncate(keep);
+            self.probs.truncate(keep);
+        }
+        // min-p: relative to the most likely token, which is first.
+        if p.min_p > 0.0 {
+            let threshold = self.probs[0] * p.min_p;
+            let keep = self.probs.iter().take_while(|&&q| q >= threshold).count();
+            self.ids.truncate(keep.max(1));
+            self.probs.truncate(keep.max(1));
+        }
+        let total: f32 = self.probs.iter().sum();
+        self.probs.iter_mut().for_each(|q| *q /= total);
+    }
+}
+
+/// Index of the largest value; the lowest index on ties, so greedy is deterministic.
+fn argmax(xs: &[f32]) -> TokenId {
+    let mut best = 0usize;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as TokenId
+}
+
+/// The `n` largest entries' indices, largest first (ties: lower id first).
+pub fn top_n(xs: &[f32], n: usize) -> Vec<TokenId> {
+    let n = n.min(xs.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &TokenId, b: &TokenId| xs[*b as usize].total_cmp(&xs[*a as usize]).then(a.cmp(b));
+    let mut ids: Vec<TokenId> = (0..xs.len() as TokenId).collect();
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, cmp);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(cmp);
+    ids
+}
+
+/// `log Σ exp(x)` computed stably (in f64).
+pub fn log_sum_exp(xs: &[f32]) -> f32 {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let s: f64 = xs.iter().map(|&x| f64::from(x - max).exp()).sum();
+    (f64::from(max) + s.ln()) as f32
+}
+
+/// Inverse-CDF draw: the first token whose cumulative probability exceeds `u`.
+fn inverse_cdf(dist: &Distribution<'_>, u: f64) -> TokenId {
+    let mut cum = 0.0f64;
+    for (&t, &p) in dist.tokens.iter().zip(dist.probs) {
+        cum += f64::from(p);
+        if u < cum {
+            return t;
+        }
+    }
+    // Rounding left the total just under 1 and u above it.
+    *dist
+        .tokens
+        .last()
+        .expect("truncation keeps at least one token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EMPTY: StepContext<'static> = StepContext {
+        prompt: &[],
+        generated: &[],
+    };
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let mut s = Sampler::new(SamplingParams::greedy(), 0);
+        let out = s.sample(&[0.1, 3.0, 2.0, -1.0], &EMPTY, 2);
+        assert_eq!(out.token, 1);
+        assert_eq!(
+            out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        let z = log_sum_exp(&[0.1, 3.0, 2.0, -1.0]);
+        assert!((out.logprob - (3.0 - z)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_whatever_the_seed() {
+        for seed in 0..50 {
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.top_k = 1;
+                    p.seed = seed;
+                }),
+                0,
+            );
+            assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0], &EMPTY, 0).token, 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // probs ∝ e^[2, 1, 0, -10]: ≈ 0.665, 0.245, 0.090, ~0.
+        let logits = [2.0, 1.0, 0.0, -10.0];
+        for seed in 0..200 {
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.top_p = 0.85;
+                    p.seed = seed;
+                }),
+                0,
+            );
+            let t = s.sample(&logits, &EMPTY, 0).token;
+            assert!(t == 0 || t == 1, "token {t} outside the 0.85 nucleus");
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let logits = [2.0, 1.9, 0.0, -1.0];
+        for seed in 0..200 {
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.min_p = 0.5;
+                    p.seed = seed;
+                }),
+                0,
+            );
+            let t = s.sample(&logits, &EMPTY, 0).token;
+            assert!(t <= 1);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_context_tokens() {
+        let logits = [2.0, 1.99, 0.0];
+        let ctx = StepContext {
+            prompt: &[0],
+            generated: &[],
+        };
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 0.0;
+                p.repetition_penalty = 1.5;
+            }),
+            0,
+        );
+        assert_eq!(s.sample(&logits, &ctx, 0).token, 1);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_generated_only() {
+        let logits = [2.0, 1.0, 0.0];
+        let prompt_only = StepContext {
+            prompt: &[0, 0, 0],
+            generated: &[],
+        };
+        let generated = StepContext {
+            prompt: &[],
+            generated: &[0, 0],
+        };
+        let greedy_pen = params(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 0.4;
+            p.presence_penalty = 0.3;
+        });
+        // 2.0 - 2 * 0.4 - 0.3 = 0.9 < 1.0
+        assert_eq!(
+            Sampler::new(greedy_pen.clone(), 0)
+                .sample(&logits, &generated, 0)
+                .token,
+            1
+        );
+        assert_eq!(
+            Sampler::new(greedy_pen, 0)
+                .sample(&logits, &prompt_only, 0)
+                .token,
+            0
+        );
+    }
+
+    #[test]
+    fn empirical_frequencies_match_softmax() {
+        let logits = [1.0f32, 0.0, -0.5, 0.5];
+        let z = log_sum_exp(&logits);
+        let mut counts = [0usize; 4];
+        let mut s = Sampler::new(params(|p| p.seed = 42), 0);
+        let n = 40_000;
+        for _ in 0..n {
+            counts[s.sample(&logits, &EMPTY, 0).token as usize] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let expect = (logits[i] - z).exp() as f64;
+            let got = c as f64 / n as f64;
+            // 5 standard errors.
+            let se = (expect * (1.0 - expect) / n as f64).sqrt();
+            assert!(
+                (got - expect).abs() < 5.0 * se,
+                "token {i}: {got} vs {expect}"
+            );
+        }
+    }
+
+    #[test]
+    fn temperature_sharpens() {
+        let logits = [1.0f32, 0.0];
+        let mut cold = Sampler::new(
+            params(|p| {
+                p.temperature = 0.25;
+                p.seed = 3;
+            }),
+            0,
+        );
+        let ones = (0..5000)
+            .filter(|_| cold.sample(&logits, &EMPTY, 0).token == 1)
+            .count();
+        // p(1) = 1 / (1 + e^4) ≈ 0.018
+        assert!(ones < 200, "{ones}");
+    }
+
+    struct Boost(TokenId);
+    impl SamplingHook for Boost {
+        fn bias(&mut self, _: &StepContext<'_>, logits: &mut [f32]) {
+            logits[self.0 as usize] += 100.0;
+        }
+    }
+
+    #[test]
+    fn hook_bias_comes_before_truncation_and_shows_in_logprobs() {
+        let logits = [5.0, 0.0, 0.0, 0.0];
+        let mut s = Sampler::new(params(|p| p.top_k = 1), 0).with_hook(Box::new(Boost(2)));
+        let out = s.sample(&logits, &EMPTY, 1);
+        assert_eq!(out.token, 2);
+        assert!(out.logprob > -1e-3);
+        assert_eq!(out.top_logprobs[0].0, 2);
+    }
+
+    struct PickLast;
+    impl SamplingHook for PickLast {
+        fn draw(&mut self, _: &StepContext<'_>, d: &Distribution<'_>) -> Option<TokenId> {
+            assert!((d.probs.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            assert!(d.probs.windows(2).all(|w| w[0] >= w[1]));
+            d.tokens.last().copied()
+        }
+    }
+
+    #[test]
+    fn hook_draw_sees_the_truncated_renormalised_distribution() {
+        let logits = [3.0, 2.0, 1.0, 0.0, -1.0];
+        let mut s = Sampler::new(params(|p| p.top_k = 3), 0).with_hook(Box::new(PickLast));
+        assert_eq!(s.sample(&logits, &EMPTY, 0).token, 2);
+    }
+
+    #[test]
+    fn top_p_prefix_shortcut_agrees_with_full_sort() {
+        // A large flat vocabulary where the prefix holds too little mass, and a peaked
+        // one where it holds enough: both must keep exactly the nucleus.
+        let flat: Vec<f32> = (0..5000).map(|i| -(i as f32) * 1e-4).collect();
+        let peaked: Vec<f32> = (0..5000).map(|i| -(i as f32) * 0.05).collect();
+        for logits in [flat, peaked] {
+            let mut s = Sampler::new(params(|p| p.top_p = 0.9), 0);
+            s.work = logits.clone();
+            s.truncate();
+            let z = log_sum_exp(&logits);
+            let mut sorted: Vec<f32> = logits.iter().map(|l| (l - z).exp()).collect();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let mut cum = 0.0f64;
+            let expect = sorted
+                .iter()
+                .position(|&q| {
+                    cum += q as f64;
+                    cum >= 0.9
+                })
+                .unwrap()
+                + 1;
+            assert!(
+                (s.ids.len() as i64 - expect as i64).abs() <= 1,
+                "{} vs {expect}",
+                s.ids.len()
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn same_seed_same_tokens(logits in prop::collection::vec(-10.0f32..10.0, 2..64),
+                                 seed in any::<u64>(), choice in 0u64..4) {
+            let p = params(|p| { p.seed = seed; p.top_p = 0.95; p.top_k = 40; });
+            let mut a = Sampler::new(p.clone(), choice);
+            let mut b = Sampler::new(p, choice);
+            for _ in 0..8 {
+                prop_assert_eq!(a.sample(&logits, &EMPTY, 0).token, b.sample(&logits, &EMPTY, 0).token);
+            }
+        }
+
+        #[test]
+        fn sampled_token_is_always_valid(logits in prop::collection::vec(-50.0f32..50.0, 1..64),
+                                         seed in any::<u64>(), t in 0.0f32..3.0,
+                                         top_p in 0.01f32..1.0, min_p in 0.0f32..1.0, top_k in 0usize..10) {
+            let p = params(|p| { p.seed = seed; p.temperature = t; p.top_p = top_p; p.min_p = min_p; p.top_k = top_k; });
+            let out = Sampler::new(p, 0).sample(&logits, &EMPTY, 3);
+            prop_assert!((out.token as usize) < logits.len());
+            prop_assert!(out.logprob <= 1e-6);
+            prop_assert!(out.top_logprobs.len() == 3.min(logits.len()));
+        }
+    }
+}

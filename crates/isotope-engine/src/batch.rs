@@ -195,8 +195,10 @@ impl<'m> Batcher<'m> {
             )));
         }
         let capacity = cfg.prefill_chunk + cfg.slots;
-        let n_ctx = cfg
-            .ctx_per_slot
+        // llama.cpp pads n_ctx to a multiple of 256 and then splits it across
+        // sequences; allocating whole 256-cell blocks per slot keeps the split even.
+        let per_slot = cfg.ctx_per_slot.div_ceil(256) * 256;
+        let n_ctx = per_slot
             .checked_mul(cfg.slots as u32)
             .ok_or_else(|| EngineError::Config("ctx_per_slot × slots overflows".into()))?;
         let threads = thread_count(cfg.threads);

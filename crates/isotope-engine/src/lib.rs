@@ -10,6 +10,7 @@
 //! reaches it only through the sampler's hook.
 
 mod batch;
+pub mod bench;
 mod chat;
 mod model;
 mod score;

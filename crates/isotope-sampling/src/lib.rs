@@ -14,7 +14,9 @@ mod sampler;
 
 pub use params::{ParamError, SamplingParams};
 pub use rng::RequestRng;
-pub use sampler::{log_sum_exp, top_n, Distribution, Sampled, Sampler, SamplingHook, StepContext};
+pub use sampler::{
+    exp_nonpositive, log_sum_exp, top_n, Distribution, Sampled, Sampler, SamplingHook, StepContext,
+};
 
 /// A token id in the model's vocabulary.
 pub type TokenId = u32;

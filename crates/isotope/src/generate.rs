@@ -1,0 +1,235 @@
+//! `isotope generate` and `isotope bench`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use isotope_engine::bench::{BenchConfig, BenchRow};
+use isotope_engine::{generate as run, BatchConfig, ChatMessage, GenerationRequest, Model};
+use isotope_sampling::{Sampler, SamplingParams};
+use serde::Serialize;
+
+use crate::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The user's message (or, with --raw, the literal prompt).
+    #[arg(long)]
+    prompt: String,
+    /// System message (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Feed the prompt as plain text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Seed of the sampler's random stream (default: random, printed with --json).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling mass (1 disables).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 disables).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than min-p × the most likely one (0 disables).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty over the last 64 tokens (1 disables).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop string (repeatable); generation ends before it.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context size (prompt + generated tokens).
+    #[arg(long, default_value_t = 2048)]
+    ctx: u32,
+    /// Print one JSON object (text, token ids, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct GenerateReport {
+    text: String,
+    tokens: Vec<u32>,
+    finish_reason: isotope_engine::FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    prompt_tokens_per_sec: f64,
+    gen_tokens_per_sec: f64,
+    seed: u64,
+    model: String,
+}
+
+fn sampling_params(a: &GenerateArgs, seed: u64) -> Result<SamplingParams> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed,
+        ..SamplingParams::default()
+    };
+    if let Err(e) = params.validate() {
+        bail!("{e} (flag --{})", e.param.replace('_', "-"));
+    }
+    Ok(params)
+}
+
+pub fn load_model(args: &ModelArgs) -> Result<Model> {
+    if !args.model.exists() && args.model.as_os_str() == crate::DEFAULT_MODEL {
+        bail!(
+            "model {} not found: run `scripts/setup.sh` to fetch it, or pass --model",
+            args.model.display()
+        );
+    }
+    Ok(Model::load(&args.model, &Default::default())?)
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let seed = a.seed.unwrap_or_else(rand_seed);
+    let params = sampling_params(&a, seed)?;
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let model = load_model(&a.model)?;
+    let prompt = if a.raw {
+        model.tokenize(&a.prompt, true, false)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &a.system {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", a.prompt.clone()));
+        model
+            .chat_tokens(&messages)
+            .context("rendering the chat prompt (pass --raw to skip the template)")?
+    };
+    let req = GenerationRequest {
+        prompt,
+        sampler: Sampler::new(params, 0),
+        max_tokens: Some(a.max_tokens),
+        stop: a.stop.clone(),
+        top_logprobs: 0,
+    };
+    let cfg = BatchConfig {
+        slots: 1,
+        ctx_per_slot: a.ctx.min(model.n_ctx_train()),
+        threads: a.model.threads,
+        ..BatchConfig::default()
+    };
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let gen = run(&model, req, cfg, |text| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    let s = &gen.stats;
+    let prompt_tps = s.prompt_tokens as f64 / s.prefill_secs.max(1e-9);
+    let gen_tps = s.completion_tokens.saturating_sub(1) as f64 / s.decode_secs.max(1e-9);
+    if json {
+        let report = GenerateReport {
+            text: gen.text,
+            tokens: gen.tokens,
+            finish_reason: gen.finish_reason,
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+            prompt_tokens_per_sec: prompt_tps,
+            gen_tokens_per_sec: gen_tps,
+            seed,
+            model: model.path().display().to_string(),
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens at {prompt_tps:.0} tok/s, {} generated at {gen_tps:.0} tok/s, seed {seed}]",
+            s.prompt_tokens, s.completion_tokens
+        );
+    }
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Concurrent sequences to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    concurrency: Vec<usize>,
+    /// Prompt length per sequence, in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.concurrency.iter().any(|&n| n == 0) || a.gen_tokens == 0 || a.prompt_tokens == 0 {
+        bail!("--concurrency, --prompt-tokens and --gen-tokens must be at least 1");
+    }
+    let model = load_model(&a.model)?;
+    let cfg = BenchConfig {
+        concurrency: a.concurrency.clone(),
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        threads: a.model.threads,
+    };
+    let bar = indicatif::ProgressBar::new((cfg.concurrency.len() * 2 + 2) as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rows {msg}")
+            .expect("static template"),
+    );
+    if !a.json {
+        eprintln!(
+            "{:<10} {:<8} {:>4} {:>14} {:>14} {:>14}",
+            "engine", "sampler", "seqs", "prompt tok/s", "gen tok/s", "gen tok/s/seq"
+        );
+    }
+    let print_row = |r: &BenchRow| {
+        bar.inc(1);
+        if !a.json {
+            bar.suspend(|| {
+                println!(
+                    "{:<10} {:<8} {:>4} {:>14.1} {:>14.1} {:>14.1}",
+                    r.engine,
+                    r.sampler,
+                    r.concurrency,
+                    r.prompt_tokens_per_sec,
+                    r.gen_tokens_per_sec,
+                    r.gen_tokens_per_sec_per_seq
+                )
+            });
+        }
+    };
+    let report = isotope_engine::bench::run(&model, &cfg, print_row)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "teacher-forced scoring: {:.1} tok/s (top-20 alternatives)",
+            report.score_tokens_per_sec
+        );
+    }
+    Ok(())
+}

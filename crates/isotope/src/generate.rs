@@ -185,7 +185,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    if a.concurrency.iter().any(|&n| n == 0) || a.gen_tokens == 0 || a.prompt_tokens == 0 {
+    if a.concurrency.contains(&0) || a.gen_tokens == 0 || a.prompt_tokens == 0 {
         bail!("--concurrency, --prompt-tokens and --gen-tokens must be at least 1");
     }
     let model = load_model(&a.model)?;

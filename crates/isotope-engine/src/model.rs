@@ -29,11 +29,17 @@ pub(crate) fn backend() -> &'static LlamaBackend {
 pub struct LoadOptions {
     /// Layers to offload to a GPU (ignored by CPU builds).
     pub gpu_layers: u32,
+    /// Load only the vocabulary (tokenizer, chat template), not the weights: enough
+    /// for detection, and much faster.
+    pub vocab_only: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { gpu_layers: 999 }
+        Self {
+            gpu_layers: 999,
+            vocab_only: false,
+        }
     }
 }
 
@@ -76,7 +82,9 @@ impl Model {
             });
         }
         drop(file);
-        let params = LlamaModelParams::default().with_n_gpu_layers(opts.gpu_layers);
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(opts.gpu_layers)
+            .with_vocab_only(opts.vocab_only);
         let inner = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| {
             EngineError::ModelFile {
                 path: path.to_owned(),
@@ -141,6 +149,14 @@ impl Model {
         let vocab = self.inner.vocab();
         let t = LlamaToken(token as i32);
         vocab.is_control(t) || vocab.is_eog(t)
+    }
+
+    /// `true` at the id of every control or end-of-generation token: the tokens a
+    /// watermark never biases or scores.
+    pub fn control_mask(&self) -> Vec<bool> {
+        (0..self.n_vocab as TokenId)
+            .map(|t| self.is_control(t))
+            .collect()
     }
 
     /// Tokenize plain text. `add_bos` adds BOS when the model asks for one;

@@ -52,8 +52,14 @@ pub trait SamplingHook: Send {
     fn bias(&mut self, _ctx: &StepContext<'_>, _logits: &mut [f32]) {}
 
     /// Choose the token from the truncated distribution, or `None` for the default
-    /// draw with the request's uniform `u`.
-    fn draw(&mut self, _ctx: &StepContext<'_>, _dist: &Distribution<'_>) -> Option<TokenId> {
+    /// draw. `u` is this step's uniform from the request's random stream, for schemes
+    /// that reshape the distribution and still need an unkeyed draw (SynthID).
+    fn draw(
+        &mut self,
+        _ctx: &StepContext<'_>,
+        _dist: &Distribution<'_>,
+        _u: f64,
+    ) -> Option<TokenId> {
         None
     }
 
@@ -165,7 +171,7 @@ impl Sampler {
                 tokens: &self.ids,
                 probs: &self.probs,
             };
-            let hooked = self.hook.as_mut().and_then(|h| h.draw(ctx, &dist));
+            let hooked = self.hook.as_mut().and_then(|h| h.draw(ctx, &dist, u));
             hooked.unwrap_or_else(|| inverse_cdf(&dist, u))
         };
         if let Some(hook) = self.hook.as_mut() {
@@ -591,7 +597,7 @@ mod tests {
 
     struct PickLast;
     impl SamplingHook for PickLast {
-        fn draw(&mut self, _: &StepContext<'_>, d: &Distribution<'_>) -> Option<TokenId> {
+        fn draw(&mut self, _: &StepContext<'_>, d: &Distribution<'_>, _: f64) -> Option<TokenId> {
             assert!((d.probs.iter().sum::<f32>() - 1.0).abs() < 1e-5);
             assert!(d.probs.windows(2).all(|w| w[0] >= w[1]));
             d.tokens.last().copied()

@@ -8,6 +8,10 @@ use isotope_engine::{generate as run, BatchConfig, ChatMessage, GenerationReques
 use isotope_sampling::{Sampler, SamplingParams};
 use serde::Serialize;
 
+use std::path::PathBuf;
+
+use isotope_watermark::WatermarkHook;
+
 use crate::ModelArgs;
 
 #[derive(clap::Args, Debug)]
@@ -50,9 +54,23 @@ pub struct GenerateArgs {
     /// Context size (prompt + generated tokens).
     #[arg(long, default_value_t = 2048)]
     ctx: u32,
+    /// Watermark every sampled token with this key file.
+    #[arg(long, env = "ISOTOPE_WATERMARK_KEY")]
+    watermark_key: Option<PathBuf>,
+    /// Watermark scheme (with --watermark-key): kgw, unigram, gumbel, synthid, with
+    /// optional parameters, e.g. `kgw:gamma=0.25,delta=2,h=4,seeding=left`.
+    #[arg(long, default_value = "kgw")]
+    scheme: String,
     /// Print one JSON object (text, token ids, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Serialize)]
+struct WatermarkReport {
+    /// The scheme applied (greedy turns gumbel/synthid into kgw).
+    scheme: String,
+    key_id: String,
 }
 
 #[derive(Serialize)]
@@ -66,6 +84,8 @@ struct GenerateReport {
     gen_tokens_per_sec: f64,
     seed: u64,
     model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    watermark: Option<WatermarkReport>,
 }
 
 fn sampling_params(a: &GenerateArgs, seed: u64) -> Result<SamplingParams> {
@@ -84,13 +104,19 @@ fn sampling_params(a: &GenerateArgs, seed: u64) -> Result<SamplingParams> {
     Ok(params)
 }
 
-pub fn load_model(args: &ModelArgs) -> Result<Model> {
+/// A friendlier error than "file not found" when the default model was never fetched.
+pub fn check_model_present(args: &ModelArgs) -> Result<()> {
     if !args.model.exists() && args.model.as_os_str() == crate::DEFAULT_MODEL {
         bail!(
             "model {} not found: run `scripts/setup.sh` to fetch it, or pass --model",
             args.model.display()
         );
     }
+    Ok(())
+}
+
+pub fn load_model(args: &ModelArgs) -> Result<Model> {
+    check_model_present(args)?;
     Ok(Model::load(&args.model, &Default::default())?)
 }
 
@@ -100,6 +126,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
+    let scheme = crate::watermark::parse_scheme(&a.scheme)?;
+    let key = a
+        .watermark_key
+        .as_deref()
+        .map(crate::watermark::load_key)
+        .transpose()?;
     let model = load_model(&a.model)?;
     let prompt = if a.raw {
         model.tokenize(&a.prompt, true, false)
@@ -113,9 +145,32 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .chat_tokens(&messages)
             .context("rendering the chat prompt (pass --raw to skip the template)")?
     };
+    let greedy = params.is_greedy();
+    let mut sampler = Sampler::new(params, 0);
+    let mut watermark = None;
+    if let Some(key) = &key {
+        let hook = WatermarkHook::new(
+            key.clone(),
+            &scheme,
+            crate::watermark::excluded(&model),
+            greedy,
+        );
+        if hook.scheme() != &scheme {
+            eprintln!(
+                "note: temperature 0 cannot carry a {} watermark; using {} instead",
+                scheme.name(),
+                hook.scheme()
+            );
+        }
+        watermark = Some(WatermarkReport {
+            scheme: hook.scheme().to_string(),
+            key_id: key.id().to_owned(),
+        });
+        sampler = sampler.with_hook(Box::new(hook));
+    }
     let req = GenerationRequest {
         prompt,
-        sampler: Sampler::new(params, 0),
+        sampler,
         max_tokens: Some(a.max_tokens),
         stop: a.stop.clone(),
         top_logprobs: 0,
@@ -149,6 +204,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             gen_tokens_per_sec: gen_tps,
             seed,
             model: model.path().display().to_string(),
+            watermark,
         };
         println!("{}", serde_json::to_string(&report)?);
     } else {

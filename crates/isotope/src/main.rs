@@ -2,6 +2,7 @@
 //! progress; the work happens in the library crates.
 
 mod generate;
+mod watermark;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prompt and generation throughput at several concurrencies.
     Bench(generate::BenchArgs),
+    /// Create a new watermark key (written to stdout, or --out FILE with mode 0600).
+    Keygen(watermark::KeygenArgs),
+    /// Test text on stdin for a watermark; prints a p-value.
+    Detect(watermark::DetectArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -53,6 +58,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => generate::bench(args),
+        Command::Keygen(args) => watermark::keygen(args),
+        Command::Detect(args) => watermark::detect(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

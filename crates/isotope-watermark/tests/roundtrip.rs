@@ -1,0 +1,325 @@
+//! Generation through the real sampler + hook on a synthetic language model, then
+//! detection. (Tests on the real SmolLM2 model live in the CLI and engine crates.)
+
+use std::sync::Arc;
+
+use isotope_sampling::{Sampler, SamplingHook, SamplingParams, StepContext};
+use isotope_watermark::{
+    detect_multi_key, stats, Detector, ExcludedTokens, Scheme, WatermarkHook, WatermarkKey,
+};
+
+const VOCAB: usize = 2000;
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A deterministic "language model": logits depend on the last two tokens, with a
+/// heavy head (entropy of a few nats) like a real LM's.
+fn logits(context: &[u32]) -> Vec<f32> {
+    let n = context.len();
+    let a = if n >= 1 { context[n - 1] } else { 7 } as u64;
+    let b = if n >= 2 { context[n - 2] } else { 11 } as u64;
+    let seed = mix(a * 1_000_003 + b);
+    (0..VOCAB as u64)
+        .map(|i| {
+            let r = mix(seed ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let u = (r >> 11) as f32 / (1u64 << 53) as f32;
+            // Zipf-like head: token rank given by the hash.
+            -1.2 * ((r % VOCAB as u64) as f32 + 1.0).ln() + u
+        })
+        .collect()
+}
+
+fn no_exclusions() -> ExcludedTokens {
+    vec![false; VOCAB].into()
+}
+
+fn key(i: u8) -> Arc<WatermarkKey> {
+    Arc::new(WatermarkKey::from_bytes([i; 32]))
+}
+
+fn generate(
+    n: usize,
+    params: SamplingParams,
+    choice: u64,
+    hook: Option<WatermarkHook>,
+    prompt: &[u32],
+) -> Vec<u32> {
+    let mut s = Sampler::new(params, choice);
+    if let Some(h) = hook {
+        s = s.with_hook(Box::new(h));
+    }
+    let mut generated = Vec::new();
+    for _ in 0..n {
+        let mut ctx_tokens = prompt.to_vec();
+        ctx_tokens.extend(&generated);
+        let l = logits(&ctx_tokens);
+        let ctx = StepContext {
+            prompt,
+            generated: &generated,
+        };
+        let t = s.sample(&l, &ctx, 0).token;
+        generated.push(t);
+    }
+    generated
+}
+
+fn sampled(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.0,
+        seed,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn every_scheme_detects_its_own_text_and_not_plain_text() {
+    for spec in [
+        "kgw",
+        "kgw:seeding=min",
+        "kgw:seeding=self",
+        "unigram",
+        "gumbel",
+        "synthid",
+    ] {
+        let scheme: Scheme = spec.parse().unwrap();
+        let k = key(1);
+        let hook = WatermarkHook::new(k.clone(), &scheme, no_exclusions(), false);
+        let text = generate(200, sampled(5), 0, Some(hook), &[1, 2, 3]);
+        let det = Detector::new(k.clone(), scheme.clone(), no_exclusions());
+        let d = det.detect(&text);
+        eprintln!(
+            "{spec}: watermarked log10 p {:.1} over {} tuples",
+            d.log10_p_value, d.scored_tokens
+        );
+        assert!(
+            d.p_value < 1e-6,
+            "{spec}: watermarked p = {} ({d:?})",
+            d.p_value
+        );
+        assert!(d.scored_tokens > 150, "{spec}: scored {}", d.scored_tokens);
+        let plain = generate(200, sampled(5), 0, None, &[1, 2, 3]);
+        let d = det.detect(&plain);
+        assert!(d.p_value > 1e-4, "{spec}: plain text p = {}", d.p_value);
+        // The wrong key does not see it.
+        let other = Detector::new(key(2), scheme, no_exclusions()).detect(&text);
+        assert!(
+            other.p_value > 1e-4,
+            "{spec}: wrong key p = {}",
+            other.p_value
+        );
+    }
+}
+
+#[test]
+fn greedy_gumbel_falls_back_to_kgw_and_stays_detectable() {
+    let gumbel: Scheme = "gumbel".parse().unwrap();
+    let hook = WatermarkHook::new(key(3), &gumbel, no_exclusions(), true);
+    assert_eq!(hook.scheme().name(), "kgw");
+    let text = generate(150, SamplingParams::greedy(), 0, Some(hook), &[4, 5]);
+    let kgw = Detector::new(key(3), hook_scheme_for_greedy(&gumbel), no_exclusions());
+    assert!(kgw.detect(&text).p_value < 1e-4);
+}
+
+fn hook_scheme_for_greedy(s: &Scheme) -> Scheme {
+    s.for_greedy()
+}
+
+#[test]
+fn gumbel_choices_differ_and_do_not_loop() {
+    let scheme: Scheme = "gumbel".parse().unwrap();
+    let a = generate(
+        60,
+        sampled(9),
+        0,
+        Some(WatermarkHook::new(key(4), &scheme, no_exclusions(), false)),
+        &[8, 9],
+    );
+    let b = generate(
+        60,
+        sampled(9),
+        1,
+        Some(WatermarkHook::new(key(4), &scheme, no_exclusions(), false)),
+        &[8, 9],
+    );
+    assert_ne!(a, b, "n > 1 choices must not be identical");
+    // No window repeats with a keyed choice: distinct 5-grams stay high.
+    let mut grams: Vec<&[u32]> = a.windows(5).collect();
+    grams.sort();
+    grams.dedup();
+    assert!(
+        grams.len() > 45,
+        "looping output: {} distinct 5-grams",
+        grams.len()
+    );
+}
+
+#[test]
+fn control_tokens_are_never_biased() {
+    let mut excluded = vec![false; VOCAB];
+    excluded[0] = true;
+    excluded[1] = true;
+    let excluded: ExcludedTokens = excluded.into();
+    for spec in ["kgw", "unigram", "kgw:seeding=self"] {
+        let scheme: Scheme = spec.parse().unwrap();
+        let mut biased = [0usize; 2];
+        for w in 0..200u32 {
+            let mut hook = WatermarkHook::new(key(5), &scheme, excluded.clone(), false);
+            // Control tokens on top so SelfHash considers them.
+            let mut l = vec![0.0f32; VOCAB];
+            l[0] = 5.0;
+            l[1] = 5.0;
+            let generated = [w, w + 1, w + 2, w + 3];
+            hook.bias(
+                &StepContext {
+                    prompt: &[],
+                    generated: &generated,
+                },
+                &mut l,
+            );
+            biased[0] += usize::from(l[0] != 5.0);
+            biased[1] += l.iter().filter(|&&x| x == 2.0).count();
+        }
+        assert_eq!(biased[0], 0, "{spec} biased a control token");
+        assert!(biased[1] > 0, "{spec} biased nothing at all");
+    }
+}
+
+#[test]
+fn detection_is_calibrated_per_fixed_key_on_unwatermarked_text() {
+    // Unwatermarked text from the synthetic model; 20 fixed keys; every scheme.
+    let texts: Vec<Vec<u32>> = (0..300)
+        .map(|i| generate(80, sampled(1000 + i), 0, None, &[3]))
+        .collect();
+    for spec in [
+        "kgw",
+        "kgw:seeding=min",
+        "kgw:seeding=self",
+        "unigram",
+        "gumbel",
+        "synthid",
+    ] {
+        let scheme: Scheme = spec.parse().unwrap();
+        let mut all_p = Vec::new();
+        for k in 0..20u8 {
+            let det = Detector::new(key(100 + k), scheme.clone(), no_exclusions());
+            let ps: Vec<f64> = texts.iter().map(|t| det.detect(t).p_value).collect();
+            let false_alarms = ps.iter().filter(|&&p| p < 0.01).count() as u64;
+            // P(Binomial(300, 0.01) ≥ 13) ≈ 2e-5: a valid test essentially never
+            // exceeds this (discrete tests are conservative, so only the upper side
+            // can show invalidity).
+            assert!(
+                false_alarms <= 12,
+                "{spec} key {k}: {false_alarms}/300 below 0.01"
+            );
+            all_p.extend(ps);
+        }
+        // Continuous score (Gumbel) → p-values uniform; discrete ones are
+        // stochastically larger than uniform, so test only the lower tail there.
+        let below = all_p.iter().filter(|&&p| p < 0.05).count() as f64 / all_p.len() as f64;
+        let below_01 = all_p.iter().filter(|&&p| p < 0.01).count() as f64 / all_p.len() as f64;
+        eprintln!(
+            "{spec}: FPR@0.05 {below:.4}, FPR@0.01 {below_01:.4} over {} tests",
+            all_p.len()
+        );
+        assert!(below < 0.065, "{spec}: {below} of p-values below 0.05");
+        if spec == "gumbel" {
+            let (_, ks_p) = stats::ks_uniform(&all_p);
+            assert!(ks_p > 1e-3, "gumbel p-values not uniform: KS p = {ks_p}");
+        }
+    }
+}
+
+#[test]
+fn without_dedup_repetitive_text_gives_false_alarms() {
+    // A human-like refrain: the same 12 tokens 40 times.
+    let refrain: Vec<u32> = (0..12).map(|i| (i * 37 + 5) as u32).collect();
+    let text: Vec<u32> = refrain.iter().cycle().take(480).copied().collect();
+    let scheme = Scheme::kgw();
+    let (mut with, mut without) = (0, 0);
+    for k in 0..200u8 {
+        let det = Detector::new(key(k), scheme.clone(), no_exclusions());
+        with += usize::from(det.detect(&text).p_value < 0.01);
+        without += usize::from(det.clone().without_dedup().detect(&text).p_value < 0.01);
+    }
+    eprintln!("refrain, 200 keys: {with} false alarms with dedup, {without} without");
+    assert!(with <= 8, "with dedup: {with}/200 false alarms");
+    assert!(
+        without >= 30,
+        "without dedup only {without}/200 false alarms: negative control has no teeth"
+    );
+}
+
+#[test]
+fn windowed_detection_finds_pasted_watermarked_text() {
+    let scheme = Scheme::kgw();
+    let marked = generate(
+        120,
+        sampled(3),
+        0,
+        Some(WatermarkHook::new(key(7), &scheme, no_exclusions(), false)),
+        &[1],
+    );
+    let human_a = generate(400, sampled(4), 0, None, &[2]);
+    let human_b = generate(400, sampled(6), 0, None, &[9]);
+    let mut text = human_a.clone();
+    text.extend(&marked);
+    text.extend(&human_b);
+    let det = Detector::new(key(7), scheme, no_exclusions());
+    let whole = det.detect(&text);
+    let w = det.detect_windowed(&text, 16);
+    assert!(
+        w.detection.p_value < 1e-6,
+        "windowed p {}",
+        w.detection.p_value
+    );
+    assert!(
+        w.detection.log10_p_value < whole.log10_p_value,
+        "span beats the whole text"
+    );
+    let (a, b) = w.span_tokens;
+    assert!(
+        a < 400 + 120 && b > 400,
+        "span {a}..{b} misses the pasted part 400..520"
+    );
+    // On plain text the corrected windowed p-value is not significant.
+    let plain = det.detect_windowed(&human_a, 16);
+    assert!(
+        plain.detection.p_value > 1e-3,
+        "plain windowed p {}",
+        plain.detection.p_value
+    );
+}
+
+#[test]
+fn multi_key_names_the_right_key_and_corrects() {
+    let scheme: Scheme = "gumbel".parse().unwrap();
+    let text = generate(
+        150,
+        sampled(8),
+        0,
+        Some(WatermarkHook::new(key(22), &scheme, no_exclusions(), false)),
+        &[5],
+    );
+    let keys = [key(21), key(22), key(23)];
+    let m = detect_multi_key(&keys, &scheme, &no_exclusions(), &text);
+    assert_eq!(m.best_key_id, key(22).id());
+    let single = m.per_key[1].log10_p_value;
+    assert!((m.log10_p_value - (single + 3f64.log10())).abs() < 1e-9);
+    assert!(m.p_value < 1e-6);
+}
+
+#[test]
+fn corpus_test_deduplicates_across_texts() {
+    let scheme = Scheme::kgw();
+    let det = Detector::new(key(9), scheme, no_exclusions());
+    let text = generate(100, sampled(2), 0, None, &[1]);
+    let once = det.detect_corpus([text.as_slice()]);
+    let thrice = det.detect_corpus([text.as_slice(), text.as_slice(), text.as_slice()]);
+    assert_eq!(once.scored_tokens, thrice.scored_tokens);
+    assert_eq!(once.p_value, thrice.p_value);
+}

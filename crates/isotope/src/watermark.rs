@@ -1,0 +1,204 @@
+//! `isotope keygen`, `isotope detect`, and loading watermark keys for other commands.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use isotope_engine::{LoadOptions, Model};
+use isotope_watermark::{detect_multi_key, Detector, ExcludedTokens, Scheme, WatermarkKey};
+use serde_json::json;
+
+use crate::ModelArgs;
+
+/// Read a key file, warning when other users may read it.
+pub fn load_key(path: &Path) -> Result<Arc<WatermarkKey>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read watermark key file {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "watermark key file is readable by other users; run `chmod 600` on it"
+                );
+            }
+        }
+    }
+    let key = WatermarkKey::parse_file(&text)
+        .with_context(|| format!("invalid watermark key file {}", path.display()))?;
+    Ok(Arc::new(key))
+}
+
+/// Parse `--scheme`.
+pub fn parse_scheme(spec: &str) -> Result<Scheme> {
+    Ok(spec.parse::<Scheme>()?)
+}
+
+/// The control-token mask of a model, shared by hooks and detectors.
+pub fn excluded(model: &Model) -> ExcludedTokens {
+    model.control_mask().into()
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Write the key to this file (created with mode 0600; refuses to overwrite)
+    /// instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn keygen(a: KeygenArgs) -> Result<()> {
+    let key = WatermarkKey::generate()?;
+    let text = key.to_file_string();
+    match a.out {
+        Some(path) => {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let mut f = opts.open(&path).with_context(|| {
+                format!(
+                    "cannot create {} (it must not exist already)",
+                    path.display()
+                )
+            })?;
+            f.write_all(text.as_bytes())?;
+            eprintln!("wrote watermark key {} to {}", key.id(), path.display());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            restrict_stdout_file();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// `isotope keygen > wm.key`: when stdout is a regular file, make it 0600 so the
+/// secret is not world-readable by the shell's umask.
+fn restrict_stdout_file() {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::PermissionsExt;
+        let stdout = std::io::stdout();
+        if let Ok(owned) = stdout.as_fd().try_clone_to_owned() {
+            let file = std::fs::File::from(owned);
+            if file.metadata().is_ok_and(|m| m.is_file()) {
+                let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DetectArgs {
+    /// Watermark key file (repeat to test several keys; the p-value is then corrected
+    /// for testing them all).
+    #[arg(long = "watermark-key", env = "ISOTOPE_WATERMARK_KEY", required = true)]
+    keys: Vec<PathBuf>,
+    /// Scheme: kgw, unigram, gumbel, synthid, optionally with parameters
+    /// (e.g. `kgw:gamma=0.25,delta=2,h=4,seeding=left`).
+    #[arg(long, default_value = "kgw")]
+    scheme: String,
+    /// Also find the most significant span (watermarked text inside other text).
+    #[arg(long)]
+    windowed: bool,
+    /// Shortest span, in scored tokens, for --windowed.
+    #[arg(long, default_value_t = 16)]
+    min_span: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn detect(a: DetectArgs) -> Result<()> {
+    let scheme = parse_scheme(&a.scheme)?;
+    let keys = a
+        .keys
+        .iter()
+        .map(|p| load_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut text = String::new();
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("reading the text to test from stdin (end with Ctrl-D)");
+    }
+    stdin
+        .read_to_string(&mut text)
+        .context("stdin is not valid UTF-8 text")?;
+    if text.trim().is_empty() {
+        bail!("no text on stdin: pipe the text to test into `isotope detect`");
+    }
+    crate::generate::check_model_present(&a.model)?;
+    let model = Model::load(
+        &a.model.model,
+        &LoadOptions {
+            vocab_only: true,
+            ..LoadOptions::default()
+        },
+    )?;
+    let tokens = model.tokenize(&text, false, false);
+    let excluded = excluded(&model);
+    let multi = detect_multi_key(&keys, &scheme, &excluded, &tokens);
+    let mut report = json!({
+        "scheme": scheme.to_string(),
+        "p_value": multi.p_value,
+        "log10_p_value": multi.log10_p_value,
+        "scored_tokens": multi.per_key.iter().map(|d| d.scored_tokens).max().unwrap_or(0),
+        "tokens": tokens.len(),
+        "key_id": multi.best_key_id,
+    });
+    if keys.len() == 1 {
+        report["statistic"] = json!(multi.per_key[0].statistic);
+    } else {
+        report["per_key"] = json!(multi.per_key);
+    }
+    let windowed = a.windowed.then(|| {
+        let best_key = keys
+            .iter()
+            .find(|k| k.id() == multi.best_key_id)
+            .unwrap_or(&keys[0]);
+        Detector::new(best_key.clone(), scheme.clone(), excluded)
+            .detect_windowed(&tokens, a.min_span)
+    });
+    if let Some(w) = &windowed {
+        report["windowed"] = json!({
+            "p_value": w.detection.p_value,
+            "log10_p_value": w.detection.log10_p_value,
+            "scored_tokens": w.detection.scored_tokens,
+            "span_tokens": [w.span_tokens.0, w.span_tokens.1],
+            "span_text": model.detokenize(&tokens[w.span_tokens.0..w.span_tokens.1]),
+            "spans_tested": w.spans_tested,
+        });
+    }
+    if a.json {
+        println!("{report}");
+    } else {
+        let verdict = if multi.p_value < 1e-3 {
+            "WATERMARKED"
+        } else {
+            "not detected"
+        };
+        println!(
+            "{verdict}: p = {:.3e} (log10 {:.1}) over {} scored tokens, scheme {}",
+            multi.p_value, multi.log10_p_value, report["scored_tokens"], scheme
+        );
+        if let Some(w) = &windowed {
+            println!(
+                "best span: tokens {}..{}, p = {:.3e} after testing {} spans",
+                w.span_tokens.0, w.span_tokens.1, w.detection.p_value, w.spans_tested
+            );
+        }
+    }
+    Ok(())
+}

@@ -3,10 +3,16 @@
 //! Everything is measured in one run on the same model, so the rows compare: greedy
 //! against full sampling (which reads and sorts the logits in Rust every step), one
 //! sequence against several decoded together, and teacher-forced scoring.
+//!
+//! Sampler hooks (watermarks) are compared with the plain sampler as [`BenchVariant`]s:
+//! the engine only ever sees a factory of [`SamplingHook`]s, never a scheme.
 
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use isotope_sampling::{Sampler, SamplingParams, TokenId};
+use isotope_sampling::{Distribution, Sampler, SamplingHook, SamplingParams, StepContext, TokenId};
 use serde::Serialize;
 
 use std::num::NonZeroU32;
@@ -31,6 +37,98 @@ pub struct BenchConfig {
     pub gen_tokens: usize,
     /// CPU threads (`None`: all cores).
     pub threads: Option<usize>,
+    /// Hooked samplers to compare with the plain one (see [`VariantRow`]); none: no
+    /// comparison is run.
+    pub variants: Vec<BenchVariant>,
+    /// Runs of each variant (and of the plain sampler) per concurrency; the best
+    /// counts. At least 1.
+    pub variant_rounds: usize,
+}
+
+impl BenchConfig {
+    /// Concurrencies the variants are compared at: 1 and the largest of
+    /// [`BenchConfig::concurrency`].
+    pub fn variant_concurrencies(&self) -> Vec<usize> {
+        let mut c = vec![1];
+        if let Some(&max) = self.concurrency.iter().max() {
+            if max > 1 {
+                c.push(max);
+            }
+        }
+        c
+    }
+
+    /// Decoding runs the variant comparison makes (for progress bars).
+    pub fn variant_runs(&self) -> usize {
+        if self.variants.is_empty() {
+            return 0;
+        }
+        self.variant_concurrencies().len() * self.variant_rounds.max(1) * (self.variants.len() + 1)
+    }
+}
+
+/// Builds a fresh hook for one sequence; the argument says whether the sampler is
+/// greedy. `None` means the plain sampler.
+pub type HookFactory = Arc<dyn Fn(bool) -> Option<Box<dyn SamplingHook>> + Send + Sync>;
+
+/// A sampler hook measured side by side with the plain sampler (e.g. a watermark
+/// scheme, built by the caller: the engine knows nothing of watermarks).
+#[derive(Clone)]
+pub struct BenchVariant {
+    /// Name shown in the report.
+    pub name: String,
+    /// One hook per sequence.
+    pub hook: HookFactory,
+}
+
+impl fmt::Debug for BenchVariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BenchVariant")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One variant at one concurrency, against the plain sampler of the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantRow {
+    /// `none` (the plain sampler) or the variant's name.
+    pub variant: String,
+    /// Always `sampled` (T=0.8, top-p 0.95), where every scheme acts as itself
+    /// (greedy would turn the distortion-free ones into KGW).
+    pub sampler: String,
+    /// Sequences decoded together.
+    pub concurrency: usize,
+    /// Generation tokens/s (all sequences) of each run, in the order they ran.
+    pub runs_gen_tokens_per_sec: Vec<f64>,
+    /// The best of `runs_gen_tokens_per_sec`.
+    pub gen_tokens_per_sec: f64,
+    /// Tokens timed in the best run: all but each sequence's first, so
+    /// `concurrency × (gen_tokens − 1)` unless a sequence sampled its
+    /// end-of-generation token early.
+    pub gen_tokens: usize,
+    /// `gen_tokens_per_sec` ÷ the plain sampler's (1 for `none`).
+    pub vs_plain: f64,
+    /// Wall time per generated token minus the plain sampler's, in µs: the cost of
+    /// the hook as decoding sees it (noisy: decode steps vary by several %).
+    pub extra_us_per_token: f64,
+    /// Time spent inside the hook's `bias`/`draw`/`on_token` per sampled token, in
+    /// µs, over all runs (timed directly, so far less noisy; excludes what the
+    /// sampler itself does differently with a hook, e.g. sorting the candidates).
+    pub hook_us_per_token: f64,
+}
+
+/// Progress of the variant comparison: one decoding run finished.
+#[derive(Clone, Debug)]
+pub struct VariantRun {
+    /// `none` or the variant's name.
+    pub variant: String,
+    /// Sequences decoded together.
+    pub concurrency: usize,
+    /// Round, from 0.
+    pub round: usize,
+    /// Generation tokens/s of this run.
+    pub gen_tokens_per_sec: f64,
 }
 
 /// One measured row.
@@ -66,6 +164,10 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
     /// Teacher-forced scoring throughput (tokens/s, with top-20 alternatives).
     pub score_tokens_per_sec: f64,
+    /// Hooked samplers against the plain one, per concurrency (`none` first).
+    pub variants: Vec<VariantRow>,
+    /// Runs each variant's best was taken from.
+    pub variant_rounds: usize,
 }
 
 /// A deterministic prompt of exactly `n` tokens; `salt` makes sequences differ.
@@ -78,23 +180,27 @@ fn prompt(model: &Model, n: usize, salt: usize) -> Vec<TokenId> {
     base.iter().copied().cycle().take(n.max(1)).collect()
 }
 
-/// Run the benchmark; `on_row` is called as each row completes.
+/// The `sampled` row's sampler: T=0.8, top-p 0.95, seed 1.
+fn sampled_params() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: 1,
+        ..SamplingParams::default()
+    }
+}
+
+/// Run the benchmark; `on_row` is called as each row completes, `on_run` as each
+/// decoding run of the variant comparison does.
 pub fn run(
     model: &Model,
     cfg: &BenchConfig,
     mut on_row: impl FnMut(&BenchRow),
+    on_run: impl FnMut(&VariantRun),
 ) -> Result<BenchReport, EngineError> {
     let samplers = [
         ("greedy", SamplingParams::greedy()),
-        (
-            "sampled",
-            SamplingParams {
-                temperature: 0.8,
-                top_p: 0.95,
-                seed: 1,
-                ..SamplingParams::default()
-            },
-        ),
+        ("sampled", sampled_params()),
     ];
     let mut rows = Vec::new();
     for (name, params) in &samplers {
@@ -112,6 +218,7 @@ pub fn run(
     let t = Instant::now();
     let scored = model.score(&text, 20, cfg.threads)?.len();
     let score_tokens_per_sec = scored as f64 / t.elapsed().as_secs_f64();
+    let variants = compare_variants(model, cfg, on_run)?;
     Ok(BenchReport {
         model: model.path().display().to_string(),
         threads: thread_count(cfg.threads),
@@ -119,7 +226,139 @@ pub fn run(
         gen_tokens: cfg.gen_tokens,
         rows,
         score_tokens_per_sec,
+        variants,
+        variant_rounds: cfg.variant_rounds.max(1),
     })
+}
+
+/// The variant comparison. Decode speed on a shared CPU drifts and jitters by ±10%
+/// over a run — far more than a hook costs — so the runs are arranged to cancel that:
+/// - every run uses the same prompts, seeds (sequence `i` is choice `i` of seed 1)
+///   and concurrency as the plain sampler's, in the same process and batcher set-up;
+/// - the plain sampler and the variants are interleaved, in the order
+///   `none, v1, …, vn` in even rounds and reversed in odd ones, so slow drift hits
+///   every variant alike, and each takes the best of `variant_rounds` runs, since
+///   interference from other processes only ever slows a run down;
+/// - besides tokens/s, the time inside the hook is measured directly by wrapping it
+///   ([`VariantRow::hook_us_per_token`]), which decode noise does not affect.
+fn compare_variants(
+    model: &Model,
+    cfg: &BenchConfig,
+    mut on_run: impl FnMut(&VariantRun),
+) -> Result<Vec<VariantRow>, EngineError> {
+    if cfg.variants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let params = sampled_params();
+    let rounds = cfg.variant_rounds.max(1);
+    let mut names = vec!["none".to_owned()];
+    names.extend(cfg.variants.iter().map(|v| v.name.clone()));
+    let mut out = Vec::new();
+    for n in cfg.variant_concurrencies() {
+        // Per variant (index 0: plain): each run's (tok/s, tokens), hook ns, hook calls.
+        let mut runs: Vec<Vec<(f64, usize)>> = vec![Vec::new(); names.len()];
+        let mut hook_time = vec![(0u64, 0u64); names.len()];
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..names.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for v in order {
+                let timer = HookTimer::default();
+                let hook = (v > 0).then(|| timed(cfg.variants[v - 1].hook.clone(), &timer));
+                let m = run_batch(model, cfg, &params, n, hook.as_ref())?;
+                let tps = m.gen_tokens_per_sec();
+                runs[v].push((tps, m.decoded));
+                hook_time[v].0 += timer.nanos.load(Ordering::Relaxed);
+                hook_time[v].1 += timer.tokens.load(Ordering::Relaxed);
+                on_run(&VariantRun {
+                    variant: names[v].clone(),
+                    concurrency: n,
+                    round,
+                    gen_tokens_per_sec: tps,
+                });
+            }
+        }
+        let best = |r: &[(f64, usize)]| {
+            r.iter()
+                .copied()
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .unwrap_or((0.0, 0))
+        };
+        let plain = best(&runs[0]).0;
+        for (v, name) in names.iter().enumerate() {
+            let (tps, tokens) = best(&runs[v]);
+            let (nanos, calls) = hook_time[v];
+            out.push(VariantRow {
+                variant: name.clone(),
+                sampler: "sampled".into(),
+                concurrency: n,
+                runs_gen_tokens_per_sec: runs[v].iter().map(|r| r.0).collect(),
+                gen_tokens_per_sec: tps,
+                gen_tokens: tokens,
+                vs_plain: tps / plain.max(1e-9),
+                extra_us_per_token: 1e6 / tps.max(1e-9) - 1e6 / plain.max(1e-9),
+                hook_us_per_token: nanos as f64 / 1e3 / calls.max(1) as f64,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Time spent inside a hook, summed over the sequences of one run.
+#[derive(Clone, Default)]
+struct HookTimer {
+    nanos: Arc<AtomicU64>,
+    /// Tokens chosen (`on_token` calls).
+    tokens: Arc<AtomicU64>,
+}
+
+/// `factory`, with every hook it builds timed into `timer`.
+fn timed(factory: HookFactory, timer: &HookTimer) -> HookFactory {
+    let timer = timer.clone();
+    Arc::new(move |greedy| {
+        factory(greedy).map(|inner| {
+            Box::new(Timed {
+                inner,
+                timer: timer.clone(),
+            }) as Box<dyn SamplingHook>
+        })
+    })
+}
+
+/// A hook that times another.
+struct Timed {
+    inner: Box<dyn SamplingHook>,
+    timer: HookTimer,
+}
+
+impl Timed {
+    fn add(&self, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.timer.nanos.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl SamplingHook for Timed {
+    fn bias(&mut self, ctx: &StepContext<'_>, logits: &mut [f32]) {
+        let t = Instant::now();
+        self.inner.bias(ctx, logits);
+        self.add(t);
+    }
+
+    fn draw(&mut self, ctx: &StepContext<'_>, dist: &Distribution<'_>, u: f64) -> Option<TokenId> {
+        let t = Instant::now();
+        let token = self.inner.draw(ctx, dist, u);
+        self.add(t);
+        token
+    }
+
+    fn on_token(&mut self, ctx: &StepContext<'_>, token: TokenId) {
+        let t = Instant::now();
+        self.inner.on_token(ctx, token);
+        self.add(t);
+        self.timer.tokens.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn measure(
@@ -129,6 +368,43 @@ fn measure(
     params: &SamplingParams,
     n: usize,
 ) -> Result<BenchRow, EngineError> {
+    let m = run_batch(model, cfg, params, n, None)?;
+    let gen_tps = m.gen_tokens_per_sec();
+    Ok(BenchRow {
+        engine: "isotope".into(),
+        sampler: name.to_owned(),
+        concurrency: n,
+        prompt_tokens_per_sec: (n * cfg.prompt_tokens) as f64 / m.prefill_secs.max(1e-9),
+        gen_tokens_per_sec: gen_tps,
+        gen_tokens_per_sec_per_seq: gen_tps / n as f64,
+    })
+}
+
+/// Timings of one batched run.
+struct Measured {
+    /// Until every sequence had its first token.
+    prefill_secs: f64,
+    /// From then until all finished.
+    decode_secs: f64,
+    /// Tokens generated during `decode_secs`.
+    decoded: usize,
+}
+
+impl Measured {
+    fn gen_tokens_per_sec(&self) -> f64 {
+        self.decoded as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// `n` sequences (prompt `i`, choice `i` of `params`' seed) decoded together, each
+/// sampler with a hook from `hook` when given.
+fn run_batch(
+    model: &Model,
+    cfg: &BenchConfig,
+    params: &SamplingParams,
+    n: usize,
+    hook: Option<&HookFactory>,
+) -> Result<Measured, EngineError> {
     let mut batcher = Batcher::new(
         model,
         BatchConfig {
@@ -139,9 +415,13 @@ fn measure(
         },
     )?;
     for i in 0..n {
+        let mut sampler = Sampler::new(params.clone(), i as u64);
+        if let Some(h) = hook.and_then(|f| f(params.is_greedy())) {
+            sampler = sampler.with_hook(h);
+        }
         batcher.submit(GenerationRequest {
             prompt: prompt(model, cfg.prompt_tokens, i),
-            sampler: Sampler::new(params.clone(), i as u64),
+            sampler,
             max_tokens: Some(cfg.gen_tokens),
             stop: vec![],
             top_logprobs: 0,
@@ -168,15 +448,10 @@ fn measure(
             }
         }
     }
-    let decode = start.elapsed().as_secs_f64();
-    let gen_tps = decoded as f64 / decode.max(1e-9);
-    Ok(BenchRow {
-        engine: "isotope".into(),
-        sampler: name.to_owned(),
-        concurrency: n,
-        prompt_tokens_per_sec: (n * cfg.prompt_tokens) as f64 / prefill.max(1e-9),
-        gen_tokens_per_sec: gen_tps,
-        gen_tokens_per_sec_per_seq: gen_tps / n as f64,
+    Ok(Measured {
+        prefill_secs: prefill,
+        decode_secs: start.elapsed().as_secs_f64(),
+        decoded,
     })
 }
 

@@ -235,26 +235,91 @@ pub struct BenchArgs {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Watermark schemes to compare with the plain sampler (comma-separated, each
+    /// with optional parameters as for `generate --scheme`, e.g.
+    /// `kgw,kgw:gamma=0.5,delta=1,unigram`); empty: no comparison.
+    #[arg(long, default_value = "kgw,unigram,gumbel,synthid")]
+    schemes: String,
+    /// Watermark key file for the comparison (default: a fresh random key; speed does
+    /// not depend on the key).
+    #[arg(long)]
+    watermark_key: Option<PathBuf>,
+    /// Runs of each scheme and of the plain sampler, interleaved; the best counts.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
+/// `--schemes` split into specs: a comma starts a new scheme unless what follows is
+/// a `param=value` of the previous one (`kgw:gamma=0.5,delta=1,unigram`).
+fn split_schemes(list: &str) -> Vec<String> {
+    let mut specs: Vec<String> = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match specs.last_mut() {
+            Some(last) if part.contains('=') && !part.contains(':') => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => specs.push(part.to_owned()),
+        }
+    }
+    specs
+}
+
+/// `isotope bench`: the throughput table, then each watermark scheme against the
+/// plain sampler on the same prompts, seeds and concurrency (interleaved runs, best
+/// of `--rounds`; see `isotope_engine::bench`).
 pub fn bench(a: BenchArgs) -> Result<()> {
+    use isotope_engine::bench::{BenchVariant, VariantRun};
+    use isotope_sampling::SamplingHook;
+    use isotope_watermark::WatermarkKey;
+    use std::sync::Arc;
+
     if a.concurrency.contains(&0) || a.gen_tokens == 0 || a.prompt_tokens == 0 {
         bail!("--concurrency, --prompt-tokens and --gen-tokens must be at least 1");
     }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let schemes = split_schemes(&a.schemes)
+        .into_iter()
+        .map(|spec| Ok((crate::watermark::parse_scheme(&spec)?, spec)))
+        .collect::<Result<Vec<_>>>()?;
+    let key = match &a.watermark_key {
+        Some(path) => crate::watermark::load_key(path)?,
+        None => Arc::new(WatermarkKey::generate()?),
+    };
     let model = load_model(&a.model)?;
+    let excluded = crate::watermark::excluded(&model);
+    let variants = schemes
+        .into_iter()
+        .map(|(scheme, spec)| {
+            let (key, excluded) = (key.clone(), excluded.clone());
+            BenchVariant {
+                name: spec,
+                hook: Arc::new(move |greedy| {
+                    let hook = WatermarkHook::new(key.clone(), &scheme, excluded.clone(), greedy);
+                    Some(Box::new(hook) as Box<dyn SamplingHook>)
+                }),
+            }
+        })
+        .collect();
     let cfg = BenchConfig {
         concurrency: a.concurrency.clone(),
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         threads: a.model.threads,
+        variants,
+        variant_rounds: a.rounds,
     };
-    let bar = indicatif::ProgressBar::new((cfg.concurrency.len() * 2 + 2) as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rows {msg}")
-            .expect("static template"),
-    );
+    let bar =
+        indicatif::ProgressBar::new((cfg.concurrency.len() * 2 + 2 + cfg.variant_runs()) as u64)
+            .with_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg}")
+                    .expect("static template"),
+            );
     if !a.json {
         eprintln!(
             "{:<10} {:<8} {:>4} {:>14} {:>14} {:>14}",
@@ -277,15 +342,70 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             });
         }
     };
-    let report = isotope_engine::bench::run(&model, &cfg, print_row)?;
+    let on_run = |r: &VariantRun| {
+        bar.inc(1);
+        bar.set_message(format!(
+            "{} x{}: {:.1} gen tok/s",
+            r.variant, r.concurrency, r.gen_tokens_per_sec
+        ));
+    };
+    let report = isotope_engine::bench::run(&model, &cfg, print_row, on_run)?;
     bar.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            #[serde(flatten)]
+            report: &'a isotope_engine::bench::BenchReport,
+            watermark_key_id: &'a str,
+        }
+        let json = Json {
+            report: &report,
+            watermark_key_id: key.id(),
+        };
+        println!("{}", serde_json::to_string(&json)?);
+        return Ok(());
+    }
+    println!(
+        "teacher-forced scoring: {:.1} tok/s (top-20 alternatives)",
+        report.score_tokens_per_sec
+    );
+    if !report.variants.is_empty() {
         println!(
-            "teacher-forced scoring: {:.1} tok/s (top-20 alternatives)",
-            report.score_tokens_per_sec
+            "\nwatermark cost: sampled (T=0.8, top-p 0.95), same prompts and seeds; best of {} \
+             interleaved runs; key {}",
+            report.variant_rounds,
+            key.id()
         );
+        println!(
+            "{:<24} {:>4} {:>6} {:>10} {:>9} {:>11} {:>12}  runs (gen tok/s)",
+            "scheme", "seqs", "tokens", "gen tok/s", "vs_plain", "+µs/token", "hook µs/tok"
+        );
+        for v in &report.variants {
+            let runs: Vec<String> = v
+                .runs_gen_tokens_per_sec
+                .iter()
+                .map(|r| format!("{r:.1}"))
+                .collect();
+            let (extra, hook) = if v.variant == "none" {
+                ("-".to_owned(), "-".to_owned())
+            } else {
+                (
+                    format!("{:+.0}", v.extra_us_per_token),
+                    format!("{:.1}", v.hook_us_per_token),
+                )
+            };
+            println!(
+                "{:<24} {:>4} {:>6} {:>10.1} {:>9.3} {:>11} {:>12}  {}",
+                v.variant,
+                v.concurrency,
+                v.gen_tokens,
+                v.gen_tokens_per_sec,
+                v.vs_plain,
+                extra,
+                hook,
+                runs.join(" ")
+            );
+        }
     }
     Ok(())
 }

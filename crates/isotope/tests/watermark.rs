@@ -1,0 +1,260 @@
+//! `isotope keygen`, `generate --watermark-key` and `detect` on the real model.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> String {
+    std::env::var("ISOTOPE_MODEL").unwrap_or_else(|_| {
+        workspace()
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            .display()
+            .to_string()
+    })
+}
+
+fn isotope() -> Command {
+    let mut c = Command::cargo_bin("isotope").unwrap();
+    c.env_remove("ISOTOPE_MODEL")
+        .env_remove("ISOTOPE_WATERMARK_KEY");
+    c
+}
+
+/// (exit code, stdout, stderr); asserts no panic.
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let (code, _, stderr) = run(isotope().args(["keygen", "--out"]).arg(&path));
+    assert_eq!(code, 0, "{stderr}");
+    path
+}
+
+/// A fixed key, so detection tests are reproducible (keygen itself is tested above).
+fn fixed_key(dir: &Path, secret_byte: u8) -> PathBuf {
+    let path = dir.join(format!("fixed-{secret_byte}.key"));
+    std::fs::write(
+        &path,
+        format!("secret = {}\n", format!("{secret_byte:02x}").repeat(32)),
+    )
+    .unwrap();
+    path
+}
+
+fn generate(key: Option<&Path>, scheme: &str, temperature: &str, seed: &str) -> Value {
+    let mut cmd = isotope();
+    cmd.args([
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "Write a short story about a lighthouse keeper and a storm.",
+        "--max-tokens",
+        "200",
+        "--temperature",
+        temperature,
+        "--seed",
+        seed,
+        "--scheme",
+        scheme,
+        "--json",
+    ]);
+    if let Some(k) = key {
+        cmd.arg("--watermark-key").arg(k);
+    }
+    let (code, stdout, stderr) = run(&mut cmd);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+fn detect(keys: &[&Path], scheme: &str, text: &str) -> Value {
+    let mut cmd = isotope();
+    cmd.args(["detect", "--model", &model(), "--scheme", scheme, "--json"]);
+    for k in keys {
+        cmd.arg("--watermark-key").arg(k);
+    }
+    cmd.write_stdin(text.to_owned());
+    let (code, stdout, stderr) = run(&mut cmd);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+#[cfg(unix)]
+fn keygen_files_are_private_and_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "a.key");
+    assert_eq!(mode(&key), 0o600);
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.contains("key_id = wk_") && text.contains("secret = "));
+    let (code, _, stderr) = run(isotope().args(["keygen", "--out"]).arg(&key));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("must not exist"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        text,
+        "key was overwritten"
+    );
+
+    // `isotope keygen > file`: stdout is a regular file and becomes 0600 too.
+    let redirected = dir.path().join("stdout.key");
+    let file = std::fs::File::create(&redirected).unwrap();
+    let status = std::process::Command::new(assert_cmd::cargo::cargo_bin("isotope"))
+        .arg("keygen")
+        .stdout(file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(mode(&redirected), 0o600);
+    assert_ne!(std::fs::read_to_string(&redirected).unwrap(), text);
+}
+
+#[test]
+fn every_scheme_is_detected_in_its_own_output_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixed_key(dir.path(), 0x5a);
+    let plain = generate(None, "kgw", "0.8", "5");
+    assert!(plain.get("watermark").is_none());
+    for scheme in ["kgw", "unigram", "gumbel", "synthid"] {
+        let out = generate(Some(&key), scheme, "0.8", "5");
+        assert_eq!(
+            out["watermark"]["scheme"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next(),
+            Some(scheme)
+        );
+        let text = out["text"].as_str().unwrap();
+        let d = detect(&[&key], scheme, text);
+        eprintln!("{scheme}: {} tokens, {d}", out["completion_tokens"]);
+        // Unigram's one fixed list, deduplicated by token, sees far fewer distinct
+        // tuples (≈100 of 200 tokens) and is the weakest scheme at this length.
+        let bar = if scheme == "unigram" { 1e-3 } else { 1e-4 };
+        assert!(
+            d["p_value"].as_f64().unwrap() < bar,
+            "{scheme}: watermarked text not detected: {d}"
+        );
+        assert!(d["scored_tokens"].as_u64().unwrap() > 50, "{d}");
+        let d = detect(&[&key], scheme, plain["text"].as_str().unwrap());
+        assert!(
+            d["p_value"].as_f64().unwrap() > 1e-3,
+            "{scheme}: unwatermarked text flagged: {d}"
+        );
+    }
+}
+
+#[test]
+fn greedy_distortion_free_schemes_fall_back_to_kgw() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixed_key(dir.path(), 0x3c);
+    let out = generate(Some(&key), "gumbel", "0", "1");
+    let applied = out["watermark"]["scheme"].as_str().unwrap();
+    assert!(applied.starts_with("kgw:"), "{applied}");
+    let d = detect(&[&key], applied, out["text"].as_str().unwrap());
+    assert!(d["p_value"].as_f64().unwrap() < 1e-3, "{d}");
+}
+
+#[test]
+fn several_keys_name_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = fixed_key(dir.path(), 0x11);
+    let b = fixed_key(dir.path(), 0x22);
+    let out = generate(Some(&b), "kgw", "0.9", "3");
+    let d = detect(&[&a, &b], "kgw", out["text"].as_str().unwrap());
+    assert_eq!(d["key_id"], d["per_key"][1]["key_id"]);
+    assert_ne!(d["per_key"][0]["key_id"], d["per_key"][1]["key_id"]);
+    assert_eq!(d["per_key"].as_array().unwrap().len(), 2);
+    assert!(d["p_value"].as_f64().unwrap() < 1e-4, "{d}");
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixed_key(dir.path(), 0x77);
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "secret = 1234\n").unwrap();
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (
+            vec![
+                "detect".into(),
+                "--watermark-key".into(),
+                bad.display().to_string(),
+            ],
+            "some text",
+            "64 hexadecimal digits",
+        ),
+        (
+            vec![
+                "detect".into(),
+                "--watermark-key".into(),
+                "/nonexistent/k".into(),
+            ],
+            "some text",
+            "/nonexistent/k",
+        ),
+        (
+            vec![
+                "detect".into(),
+                "--watermark-key".into(),
+                key.display().to_string(),
+                "--scheme".into(),
+                "kgb".into(),
+            ],
+            "some text",
+            "expected one of kgw, unigram, gumbel, synthid",
+        ),
+        (
+            vec![
+                "detect".into(),
+                "--watermark-key".into(),
+                key.display().to_string(),
+            ],
+            "   \n",
+            "no text on stdin",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--prompt".into(),
+                "x".into(),
+                "--watermark-key".into(),
+                key.display().to_string(),
+                "--scheme".into(),
+                "kgw:gamma=1.5".into(),
+            ],
+            "",
+            "gamma must be in (0, 1)",
+        ),
+    ];
+    for (args, stdin, needle) in cases {
+        let mut cmd = isotope();
+        cmd.args(&args)
+            .arg("--model")
+            .arg(model())
+            .write_stdin(stdin);
+        let (code, _, stderr) = run(&mut cmd);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

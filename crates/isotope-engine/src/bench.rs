@@ -104,8 +104,7 @@ pub struct VariantRow {
     /// The best of `runs_gen_tokens_per_sec`.
     pub gen_tokens_per_sec: f64,
     /// Tokens timed in the best run: all but each sequence's first, so
-    /// `concurrency × (gen_tokens − 1)` unless a sequence sampled its
-    /// end-of-generation token early.
+    /// `concurrency × (gen_tokens − 1)` (end-of-generation is banned in these runs).
     pub gen_tokens: usize,
     /// `gen_tokens_per_sec` ÷ the plain sampler's (1 for `none`).
     pub vs_plain: f64,
@@ -116,6 +115,9 @@ pub struct VariantRow {
     /// µs, over all runs (timed directly, so far less noisy; excludes what the
     /// sampler itself does differently with a hook, e.g. sorting the candidates).
     pub hook_us_per_token: f64,
+    /// `hook_us_per_token` as a fraction of the plain sampler's wall time per
+    /// generated token: the share of decoding the hook takes (0 for `none`).
+    pub hook_share: f64,
 }
 
 /// Progress of the variant comparison: one decoding run finished.
@@ -239,6 +241,12 @@ pub fn run(
 ///   `none, v1, …, vn` in even rounds and reversed in odd ones, so slow drift hits
 ///   every variant alike, and each takes the best of `variant_rounds` runs, since
 ///   interference from other processes only ever slows a run down;
+/// - every sequence runs to `gen_tokens`: end-of-generation tokens are banned (logit
+///   −∞, after the variant's own bias) in every run, the plain sampler's included.
+///   Otherwise a variant whose text happens to end early would decode smaller
+///   batches and look faster or slower for it. For the plain sampler that ban is its
+///   only hook; at top-p < 1 the sampler sorts the nucleus anyway, so the ban costs
+///   a few nanoseconds and takes no other code path;
 /// - besides tokens/s, the time inside the hook is measured directly by wrapping it
 ///   ([`VariantRow::hook_us_per_token`]), which decode noise does not affect.
 fn compare_variants(
@@ -251,6 +259,9 @@ fn compare_variants(
     }
     let params = sampled_params();
     let rounds = cfg.variant_rounds.max(1);
+    let eog: Arc<[TokenId]> = (0..model.n_vocab() as TokenId)
+        .filter(|&t| model.is_eog(t))
+        .collect();
     let mut names = vec!["none".to_owned()];
     names.extend(cfg.variants.iter().map(|v| v.name.clone()));
     let mut out = Vec::new();
@@ -265,8 +276,9 @@ fn compare_variants(
             }
             for v in order {
                 let timer = HookTimer::default();
-                let hook = (v > 0).then(|| timed(cfg.variants[v - 1].hook.clone(), &timer));
-                let m = run_batch(model, cfg, &params, n, hook.as_ref())?;
+                let inner = (v > 0).then(|| timed(cfg.variants[v - 1].hook.clone(), &timer));
+                let hook = full_length(eog.clone(), inner);
+                let m = run_batch(model, cfg, &params, n, Some(&hook))?;
                 let tps = m.gen_tokens_per_sec();
                 runs[v].push((tps, m.decoded));
                 hook_time[v].0 += timer.nanos.load(Ordering::Relaxed);
@@ -289,6 +301,7 @@ fn compare_variants(
         for (v, name) in names.iter().enumerate() {
             let (tps, tokens) = best(&runs[v]);
             let (nanos, calls) = hook_time[v];
+            let hook_us = nanos as f64 / 1e3 / calls.max(1) as f64;
             out.push(VariantRow {
                 variant: name.clone(),
                 sampler: "sampled".into(),
@@ -298,11 +311,51 @@ fn compare_variants(
                 gen_tokens: tokens,
                 vs_plain: tps / plain.max(1e-9),
                 extra_us_per_token: 1e6 / tps.max(1e-9) - 1e6 / plain.max(1e-9),
-                hook_us_per_token: nanos as f64 / 1e3 / calls.max(1) as f64,
+                hook_us_per_token: hook_us,
+                hook_share: hook_us * plain / 1e6,
             });
         }
     }
     Ok(out)
+}
+
+/// Each sequence's hook from `inner` (if any), followed by a ban on the `eog` tokens.
+fn full_length(eog: Arc<[TokenId]>, inner: Option<HookFactory>) -> HookFactory {
+    Arc::new(move |greedy| {
+        Some(Box::new(FullLength {
+            eog: eog.clone(),
+            inner: inner.as_ref().and_then(|f| f(greedy)),
+        }) as Box<dyn SamplingHook>)
+    })
+}
+
+/// Runs `inner`, then sets the end-of-generation tokens' logits to −∞.
+struct FullLength {
+    eog: Arc<[TokenId]>,
+    inner: Option<Box<dyn SamplingHook>>,
+}
+
+impl SamplingHook for FullLength {
+    fn bias(&mut self, ctx: &StepContext<'_>, logits: &mut [f32]) {
+        if let Some(h) = self.inner.as_mut() {
+            h.bias(ctx, logits);
+        }
+        for &t in self.eog.iter() {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    fn draw(&mut self, ctx: &StepContext<'_>, dist: &Distribution<'_>, u: f64) -> Option<TokenId> {
+        self.inner.as_mut().and_then(|h| h.draw(ctx, dist, u))
+    }
+
+    fn on_token(&mut self, ctx: &StepContext<'_>, token: TokenId) {
+        if let Some(h) = self.inner.as_mut() {
+            h.on_token(ctx, token);
+        }
+    }
 }
 
 /// Time spent inside a hook, summed over the sequences of one run.

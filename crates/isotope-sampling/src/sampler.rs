@@ -30,10 +30,12 @@ impl<'a> StepContext<'a> {
     }
 }
 
-/// The truncated, renormalised distribution the draw picks from, most likely first.
+/// The truncated, renormalised distribution the draw picks from: most likely first
+/// when any truncation is on; in vocabulary order for plain sampling (sorting 49k
+/// candidates would cost more than the rest of the step, and no draw needs the order).
 #[derive(Clone, Copy, Debug)]
 pub struct Distribution<'a> {
-    /// Candidate tokens, in descending probability.
+    /// Candidate tokens.
     pub tokens: &'a [TokenId],
     /// Their probabilities; they sum to 1.
     pub probs: &'a [f32],
@@ -222,9 +224,8 @@ impl Sampler {
 
     /// top-k → top-p → min-p over `weights` (whose sum is `z`), leaving the survivors
     /// in `ids`/`probs`, renormalised. They are sorted most likely first whenever any
-    /// truncation is on or a hook may draw; plain sampling keeps vocabulary order
-    /// (the draw does not need sorting, and sorting 49k entries per step costs more
-    /// than the rest of the step).
+    /// truncation is on; plain sampling keeps vocabulary order (the draw does not need
+    /// sorting, and sorting 49k entries per step costs more than the rest of the step).
     fn truncate(&mut self, z: f64) {
         let p = &self.params;
         let w = &self.weights;
@@ -263,7 +264,7 @@ impl Sampler {
             self.cands
                 .extend(w.iter().enumerate().map(|(i, &x)| (x, i as TokenId)));
         }
-        if top_k || top_p || min_p || self.hook.is_some() {
+        if top_k || top_p || min_p {
             self.cands.sort_unstable_by(desc);
         }
         if top_p {

@@ -1,7 +1,7 @@
 //! Human-written text: the unwatermarked null corpus.
 //!
-//! Reads the JSONL files under a data directory (by default `shared/data` next to the
-//! workspace, or `$ISOTOPE_DATA`):
+//! Reads the JSONL files under a data directory (by default the workspace's `data/`,
+//! a copy of the project's `shared/data`, or `$ISOTOPE_DATA`):
 //!
 //! | file | fields used |
 //! |---|---|
@@ -53,14 +53,13 @@ pub enum DataError {
     },
 }
 
-/// The data directory: `$ISOTOPE_DATA` if set, else `shared/data` beside the
-/// workspace.
+/// The data directory: `$ISOTOPE_DATA` if set, else the workspace's `data/` (a copy of
+/// the project's shared human-written corpora, licences beside each, so a clean clone
+/// can run the calibration).
 pub fn default_data_dir() -> PathBuf {
     std::env::var_os("ISOTOPE_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data")))
 }
 
 #[derive(Deserialize)]

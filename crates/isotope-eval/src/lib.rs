@@ -1,6 +1,6 @@
 //! Evaluations of isotope's watermark detectors on real text.
 //!
-//! - [`data`]: loaders for the human-written corpora under `shared/data` (GSM8K,
+//! - [`data`]: loaders for the human-written corpora under `data/` (GSM8K,
 //!   Self-Instruct) — text no watermark key has ever touched.
 //! - [`calibration`]: runs the detectors of every scheme under many *fixed* keys over
 //!   that text and measures whether the p-values are valid: empirical false-positive

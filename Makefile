@@ -10,7 +10,7 @@ setup:
 
 ## The main job on embedded defaults.
 run: setup
-	$(BIN) generate --prompt "Explain in two sentences why the sky is blue." --max-tokens 96
+	$(BIN) serve
 
 ## The whole test suite, optimised (llama.cpp as a debug build makes model tests crawl).
 test:

@@ -53,7 +53,7 @@ PY
 fi
 
 # --- python references for tests ----------------------------------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gguf, jinja2' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gguf, jinja2, openai' 2>/dev/null; then
   log "creating .venv with test reference packages"
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt

@@ -27,7 +27,7 @@ use std::time::Instant;
 use isotope_engine::Model;
 use isotope_sampling::TokenId;
 use isotope_watermark::stats::{clopper_pearson, ks_uniform, ln_binomial_sf};
-use isotope_watermark::{green_threshold, Detection, Detector, Scheme, WatermarkKey};
+use isotope_watermark::{green_threshold, CommonTuples, Detection, Detector, Scheme, WatermarkKey};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -55,6 +55,9 @@ pub struct CalibrationOptions {
     pub seed: u64,
     /// Worker threads; 0 = the machine's available parallelism.
     pub threads: usize,
+    /// Tuples never scored because they are common in (other) human text; `None`
+    /// scores every tuple. Applies to every detector run here, the controls included.
+    pub common: Option<Arc<CommonTuples>>,
 }
 
 impl Default for CalibrationOptions {
@@ -69,6 +72,7 @@ impl Default for CalibrationOptions {
             fresh_replicates: 1,
             seed: 0x150_7095,
             threads: 0,
+            common: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct TestSummary {
     pub untested: u64,
     /// Mean scored tuples per test.
     pub mean_scored: f64,
+    /// Mean tuples per test left out as common in human text.
+    pub mean_common_excluded: f64,
     /// False-positive rate at each `α`.
     pub fpr: Vec<FprAt>,
     /// Kolmogorov–Smirnov `D` of the p-values against `U(0, 1)`.
@@ -253,6 +259,7 @@ struct Outcome {
     tested: u64,
     untested: u64,
     scored: u64,
+    common: u64,
     /// Rejections at each α.
     rejections: Vec<u64>,
     /// P-values for KS (randomised where discrete).
@@ -308,6 +315,7 @@ impl<'a> Recorder<'a> {
         }
         self.out.tested += 1;
         self.out.scored += d.scored_tokens;
+        self.out.common += d.common_excluded;
         for (r, &a) in self.out.rejections.iter_mut().zip(self.alphas) {
             if d.p_value <= a {
                 *r += 1;
@@ -368,10 +376,20 @@ struct Inputs<'a> {
     opts: &'a CalibrationOptions,
 }
 
+impl Inputs<'_> {
+    fn detector(&self, key: Arc<WatermarkKey>, scheme: &Scheme) -> Detector {
+        let d = Detector::new(key, scheme.clone(), self.excluded.clone());
+        match &self.opts.common {
+            Some(c) => d.with_common(c.clone()),
+            None => d,
+        }
+    }
+}
+
 fn run_job(inputs: &Inputs<'_>, key: &Arc<WatermarkKey>, scheme: &Scheme, job: u64) -> JobResult {
     let alphas = &inputs.opts.alphas;
     let seed = inputs.opts.seed;
-    let detector = Detector::new(key.clone(), scheme.clone(), inputs.excluded.clone());
+    let detector = inputs.detector(key.clone(), scheme);
     let raw = detector.clone().without_dedup();
     let mut mismatch = 0.0f64;
     let mut family = |stream: u64, run: &mut dyn FnMut(&mut Recorder<'_>)| {
@@ -428,7 +446,7 @@ fn run_fresh(
             "isotope-eval fresh key {} {index} {replicate} {what} {i}",
             opts.seed
         ));
-        Detector::new(Arc::new(key), scheme.clone(), inputs.excluded.clone())
+        inputs.detector(Arc::new(key), scheme)
     };
     let mut rec = Recorder::new(&opts.alphas, scheme, opts.seed, job * 8);
     for (i, t) in inputs.human.iter().enumerate() {
@@ -465,6 +483,7 @@ fn summarise(outcomes: &[&Outcome], opts: &CalibrationOptions, randomised: bool)
     let tests: u64 = outcomes.iter().map(|o| o.tested).sum();
     let untested = outcomes.iter().map(|o| o.untested).sum();
     let scored: u64 = outcomes.iter().map(|o| o.scored).sum();
+    let common: u64 = outcomes.iter().map(|o| o.common).sum();
     let fpr = opts
         .alphas
         .iter()
@@ -499,6 +518,11 @@ fn summarise(outcomes: &[&Outcome], opts: &CalibrationOptions, randomised: bool)
             0.0
         } else {
             scored as f64 / tests as f64
+        },
+        mean_common_excluded: if tests == 0 {
+            0.0
+        } else {
+            common as f64 / tests as f64
         },
         fpr,
         ks_d,
@@ -700,6 +724,7 @@ mod tests {
             scheme: String::new(),
             key_id: String::new(),
             scored_tokens: n,
+            common_excluded: 0,
             statistic,
             p_value: ln_p.exp(),
             log10_p_value: ln_p / std::f64::consts::LN_10,

@@ -28,6 +28,25 @@ pub struct HumanText {
     pub source: String,
     /// The text itself.
     pub text: String,
+    /// Index of the row (GSM8K problem, Self-Instruct task) it came from within its
+    /// file: a question and its answer share one, and so share a split.
+    pub item: usize,
+}
+
+/// One item in [`REFERENCE_OF`] belongs to the reference split.
+pub const REFERENCE_OF: usize = 5;
+/// Items `i` with `i % REFERENCE_OF < REFERENCE_SHARE` form the reference split (40%),
+/// the rest the held-out split (60%).
+pub const REFERENCE_SHARE: usize = 2;
+
+impl HumanText {
+    /// True if the text is in the *reference* split, used to build the common-tuples
+    /// list; calibration uses only the held-out rest, so it never tests the detector
+    /// on text its list was built from. The split is by item, so a GSM8K question and
+    /// its answer (which share names and numbers) fall on the same side.
+    pub fn is_reference(&self) -> bool {
+        self.item % REFERENCE_OF < REFERENCE_SHARE
+    }
 }
 
 /// A data file that is missing or malformed.
@@ -109,13 +128,14 @@ struct Collector {
 }
 
 impl Collector {
-    fn push(&mut self, source: &str, text: &str) {
+    fn push(&mut self, source: &str, item: usize, text: &str) {
         if text.trim().chars().count() < MIN_CHARS || !self.seen.insert(text.to_owned()) {
             return;
         }
         self.texts.push(HumanText {
             source: source.to_owned(),
             text: text.to_owned(),
+            item,
         });
     }
 }
@@ -123,9 +143,9 @@ impl Collector {
 /// Questions and answers of one GSM8K split (`train` or `test`).
 fn gsm8k(dir: &Path, split: &str, out: &mut Collector) -> Result<(), DataError> {
     let path = dir.join("gsm8k").join(format!("{split}.jsonl"));
-    for row in read_jsonl::<Gsm8k>(&path)? {
-        out.push(&format!("gsm8k/{split}:question"), &row.question);
-        out.push(&format!("gsm8k/{split}:answer"), &row.answer);
+    for (i, row) in read_jsonl::<Gsm8k>(&path)?.iter().enumerate() {
+        out.push(&format!("gsm8k/{split}:question"), i, &row.question);
+        out.push(&format!("gsm8k/{split}:answer"), i, &row.answer);
     }
     Ok(())
 }
@@ -133,14 +153,15 @@ fn gsm8k(dir: &Path, split: &str, out: &mut Collector) -> Result<(), DataError> 
 /// Instructions and instance inputs/outputs of one Self-Instruct file.
 fn self_instruct(dir: &Path, file: &str, out: &mut Collector) -> Result<(), DataError> {
     let path = dir.join("self-instruct").join(format!("{file}.jsonl"));
-    for task in read_jsonl::<Task>(&path)? {
+    for (i, task) in read_jsonl::<Task>(&path)?.iter().enumerate() {
         out.push(
             &format!("self-instruct/{file}:instruction"),
+            i,
             &task.instruction,
         );
         for inst in &task.instances {
-            out.push(&format!("self-instruct/{file}:input"), &inst.input);
-            out.push(&format!("self-instruct/{file}:output"), &inst.output);
+            out.push(&format!("self-instruct/{file}:input"), i, &inst.input);
+            out.push(&format!("self-instruct/{file}:output"), i, &inst.output);
         }
     }
     Ok(())
@@ -182,9 +203,11 @@ pub fn repetitive_texts(texts: &[HumanText], count: usize, repeats: usize) -> Ve
         .iter()
         .step_by(step)
         .take(count)
-        .map(|s| HumanText {
+        .enumerate()
+        .map(|(item, s)| HumanText {
             source: format!("synthetic/repeat{repeats}"),
             text: vec![*s; repeats].join(" "),
+            item,
         })
         .collect()
 }
@@ -197,16 +220,17 @@ mod tests {
         HumanText {
             source: "t".into(),
             text: s.into(),
+            item: 0,
         }
     }
 
     #[test]
     fn short_and_duplicate_texts_are_skipped() {
         let mut c = Collector::default();
-        c.push("a", "too short");
-        c.push("a", "long enough to be kept as a text");
-        c.push("b", "long enough to be kept as a text");
-        c.push("a", "                 x                  ");
+        c.push("a", 0, "too short");
+        c.push("a", 1, "long enough to be kept as a text");
+        c.push("b", 2, "long enough to be kept as a text");
+        c.push("a", 3, "                 x                  ");
         assert_eq!(c.texts.len(), 1);
         assert_eq!(c.texts[0].source, "a");
     }

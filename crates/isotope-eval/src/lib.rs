@@ -9,13 +9,30 @@
 //!   p-values, per text, per corpus, and — as a negative control — without
 //!   deduplication.
 //!
-//! Depends on the engine only for tokenization; never on the CLI.
+//! - [`common`]: the list of tuples common in human text that detection leaves out,
+//!   built from the reference split of the corpora (calibration uses the rest).
+//!
+//! - [`power`]: `isotope eval watermark` — detection power by length, quality cost
+//!   (perplexity, length) and robustness (edits, crops, mixing into human text) of
+//!   each scheme on the real model's answers.
+//!
+//! Depends on the engine for tokenization, generation and scoring; never on the CLI.
 
 pub mod calibration;
+pub mod common;
 pub mod data;
+pub mod power;
 
 pub use calibration::{
     calibrate, calibrate_with, fixed_keys, CalibrationOptions, CalibrationReport, FprAt,
     FreshKeyControl, KeySummary, Level, NoDedupControl, SchemeCalibration, TestSummary,
 };
+pub use common::{
+    build_common_tuples, default_common_path, load_common_tuples, shipped_common_tuples,
+    tokenizer_fingerprint, CommonError, COMMON_MIN_TEXTS, COMMON_SHAPES, SHIPPED_COMMON,
+};
 pub use data::{default_data_dir, load_human_texts, repetitive_texts, DataError, HumanText};
+pub use power::{
+    evaluate, render, BucketRow, PowerOptions, PowerReport, Quality, RateAt, Rates, RobustRow,
+    SchemePower,
+};

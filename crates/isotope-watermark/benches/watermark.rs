@@ -186,5 +186,88 @@ fn detection(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sampling, detection);
+/// The green-list bias loop alone, over 49,152 logits: the branchy loop the hook had
+/// before it was made branch-free (copied from git `HEAD` of `hook.rs`, kept here as a
+/// baseline) against the current one (a copy of `hook::add_green_bias`; both private,
+/// so copied — keep in step with `hook.rs`). The keyed words come from any
+/// pseudo-random source: only the loop is timed.
+fn bias_loop(c: &mut Criterion) {
+    /// `prf::is_green`.
+    fn is_green(word: u32, threshold: u32) -> bool {
+        (word & 0xffff) < threshold
+    }
+    /// Before: a branch per token on the green test and on the excluded mask.
+    fn old(logits: &mut [f32], words: &[u32], excluded: &[bool], threshold: u32, delta: f32) {
+        for (t, (l, &w)) in logits.iter_mut().zip(words.iter()).enumerate() {
+            if is_green(w, threshold) && !excluded.get(t).copied().unwrap_or(false) {
+                *l += delta;
+            }
+        }
+    }
+    /// Now: a precomputed per-token δ (0 on excluded tokens), no branch.
+    fn new(logits: &mut [f32], words: &[u32], delta_mask: &[f32], threshold: u32) {
+        let n = logits.len().min(words.len()).min(delta_mask.len());
+        let (logits, words, delta_mask) = (&mut logits[..n], &words[..n], &delta_mask[..n]);
+        for ((l, &w), &d) in logits.iter_mut().zip(words).zip(delta_mask) {
+            *l += d * f32::from(u8::from(is_green(w, threshold)));
+        }
+    }
+    let mut rng = Tokens(0x2545_f491_4f6c_dd1d);
+    let words: Vec<u32> = (0..VOCAB)
+        .map(|_| (rng.next() << 16) ^ rng.next())
+        .collect();
+    let excluded = excluded();
+    let delta = 2.0f32;
+    let delta_mask: Vec<f32> = excluded
+        .iter()
+        .map(|&e| if e { 0.0 } else { delta })
+        .collect();
+    let threshold = isotope_watermark::green_threshold(0.25).0;
+    let base = logits(VOCAB);
+    // Same result, or the comparison means nothing.
+    let (mut a, mut b) = (base.clone(), base.clone());
+    old(&mut a, &words, &excluded, threshold, delta);
+    new(&mut b, &words, &delta_mask, threshold);
+    assert_eq!(a, b);
+
+    let mut g = c.benchmark_group("green_bias_loop_49152");
+    let mut work = base.clone();
+    g.bench_function("old (branchy, HEAD)", |bch| {
+        bch.iter(|| {
+            old(
+                black_box(&mut work),
+                black_box(&words),
+                black_box(&excluded),
+                threshold,
+                delta,
+            )
+        })
+    });
+    let mut work = base.clone();
+    g.bench_function("new (branch-free)", |bch| {
+        bch.iter(|| {
+            new(
+                black_box(&mut work),
+                black_box(&words),
+                black_box(&delta_mask),
+                threshold,
+            )
+        })
+    });
+    // What the loop sits next to in a KGW step: the window's keystream (ChaCha8, a
+    // 32-bit word per vocabulary entry), as `prf::Keystream::words` makes it.
+    let mut bytes = vec![0u8; VOCAB * 4];
+    let mut seed = 0u8;
+    g.bench_function("chacha8 keystream (context)", |bch| {
+        bch.iter(|| {
+            use rand_core::{RngCore, SeedableRng};
+            seed = seed.wrapping_add(1);
+            let mut rng = rand_chacha::ChaCha8Rng::from_seed([seed; 32]);
+            rng.fill_bytes(black_box(&mut bytes));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sampling, detection, bias_loop);
 criterion_main!(benches);

@@ -12,12 +12,17 @@
 //! same tuple many times and the p-value collapses (three_bricks, Fernandez et al.
 //! 2023). Only tokens whose whole window lies in the given text are scored (the
 //! first `h` are context), and control tokens are never scored.
+//!
+//! With a [`CommonTuples`] list ([`Detector::with_common`]) tuples that are common in
+//! human text are not scored either; see [`crate::common`] for why that keeps the
+//! p-value valid and makes it hold for one fixed key.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::common::{tuple_id, CommonTuples, TupleShape};
 use crate::hook::ExcludedTokens;
 use crate::key::WatermarkKey;
 use crate::prf::{green_threshold, is_green};
@@ -33,6 +38,9 @@ pub struct Detection {
     pub key_id: String,
     /// Distinct tuples scored.
     pub scored_tokens: u64,
+    /// Distinct tuples not scored because they are common in human text (0 without a
+    /// common-tuples list).
+    pub common_excluded: u64,
     /// Green fraction (KGW/Unigram), mean score (Gumbel: 1 under the null) or mean
     /// g-value (SynthID: ½ under the null).
     pub statistic: f64,
@@ -48,6 +56,7 @@ pub struct Detection {
 pub struct Tally {
     seen: HashSet<(u128, u32)>,
     n: u64,
+    common: u64,
     sum: f64,
 }
 
@@ -62,6 +71,11 @@ impl Tally {
     pub fn exclude(&mut self, detector: &Detector, tokens: &[u32]) {
         detector.visit(tokens, &mut self.seen, |_, _| {});
     }
+
+    /// Distinct tuples left out so far because they are common in human text.
+    pub fn common_excluded(&self) -> u64 {
+        self.common
+    }
 }
 
 /// A detector for one key and scheme.
@@ -71,6 +85,7 @@ pub struct Detector {
     scheme: Scheme,
     excluded: ExcludedTokens,
     dedup: bool,
+    common: Option<Arc<CommonTuples>>,
 }
 
 impl Detector {
@@ -81,7 +96,26 @@ impl Detector {
             scheme,
             excluded,
             dedup: true,
+            common: None,
         }
+    }
+
+    /// Leave out tuples in `common` (a fixed, key-independent list of tuples common in
+    /// human text). A list that does not cover this scheme's [`TupleShape`] filters
+    /// nothing — see [`Detector::common_active`].
+    pub fn with_common(mut self, common: Arc<CommonTuples>) -> Self {
+        self.common = Some(common);
+        self
+    }
+
+    /// Whether a common-tuples list is set and covers this scheme.
+    pub fn common_active(&self) -> bool {
+        self.active_common().is_some()
+    }
+
+    fn active_common(&self) -> Option<&CommonTuples> {
+        let shape = TupleShape::of(&self.scheme);
+        self.common.as_deref().filter(|c| c.covers(shape))
     }
 
     /// Turn deduplication off. **Invalidates the p-value** on repetitive text; exists
@@ -96,14 +130,18 @@ impl Detector {
         &self.scheme
     }
 
-    /// Calls `f(position, value)` for every scored, first-seen tuple of `tokens`.
+    /// Calls `f(position, value)` for every scored, first-seen tuple of `tokens`;
+    /// returns how many distinct tuples were left out as common.
     fn visit(
         &self,
         tokens: &[u32],
         seen: &mut HashSet<(u128, u32)>,
         mut f: impl FnMut(usize, f64),
-    ) {
+    ) -> u64 {
         let h = self.scheme.context();
+        let common = self.active_common();
+        let shape = TupleShape::of(&self.scheme);
+        let mut left_out = 0;
         // Unigram has one fixed list: derive it once.
         let mut fixed = matches!(self.scheme, Scheme::Unigram { .. })
             .then(|| WindowPrf::new(&self.scheme, &self.key, &[]));
@@ -121,7 +159,19 @@ impl Detector {
                     &mut local
                 }
             };
-            if !seen.insert((prf.id(), token)) && self.dedup {
+            let first = seen.insert((prf.id(), token));
+            if let Some(common) = common {
+                let id = match shape {
+                    TupleShape::Window(_) => tuple_id(shape, window, token),
+                    TupleShape::MinPair(_) => tuple_id(shape, &[prf.anchor], token),
+                    TupleShape::Token => tuple_id(shape, &[], token),
+                };
+                if common.contains(id) {
+                    left_out += u64::from(first);
+                    continue;
+                }
+            }
+            if !first && self.dedup {
                 continue;
             }
             let value = match self.scheme {
@@ -146,12 +196,13 @@ impl Detector {
             };
             f(pos, value);
         }
+        left_out
     }
 
     /// Score the generated tokens of one text into `tally`.
     pub fn tally(&self, tally: &mut Tally, tokens: &[u32]) {
         let (mut n, mut sum) = (0u64, 0.0f64);
-        self.visit(tokens, &mut tally.seen, |_, v| {
+        tally.common += self.visit(tokens, &mut tally.seen, |_, v| {
             n += 1;
             sum += v;
         });
@@ -184,14 +235,20 @@ impl Detector {
 
     /// The test's result for a tally.
     pub fn finish(&self, tally: &Tally) -> Detection {
-        self.detection(tally.n, tally.sum, self.ln_p(tally.n, tally.sum))
+        self.detection(
+            tally.n,
+            tally.sum,
+            self.ln_p(tally.n, tally.sum),
+            tally.common,
+        )
     }
 
-    fn detection(&self, n: u64, sum: f64, ln_p: f64) -> Detection {
+    fn detection(&self, n: u64, sum: f64, ln_p: f64, common_excluded: u64) -> Detection {
         Detection {
             scheme: self.scheme.to_string(),
             key_id: self.key.id().to_owned(),
             scored_tokens: n,
+            common_excluded,
             statistic: if n == 0 {
                 0.0
             } else {
@@ -226,7 +283,7 @@ impl Detector {
         let mut seen = HashSet::new();
         let mut pos = Vec::new();
         let mut prefix = vec![0.0f64];
-        self.visit(tokens, &mut seen, |p, v| {
+        let common = self.visit(tokens, &mut seen, |p, v| {
             pos.push(p);
             prefix.push(prefix.last().copied().unwrap_or(0.0) + v);
         });
@@ -257,7 +314,7 @@ impl Detector {
         }
         let (ln_p, a, b) = best;
         let corrected = ln_bonferroni(ln_p, tests.max(1));
-        let detection = self.detection((b - a) as u64, prefix[b] - prefix[a], corrected);
+        let detection = self.detection((b - a) as u64, prefix[b] - prefix[a], corrected, common);
         WindowedDetection {
             span_tokens: if n == 0 {
                 (0, 0)
@@ -294,16 +351,24 @@ pub struct MultiKeyDetection {
     pub per_key: Vec<Detection>,
 }
 
-/// Test `tokens` under each of `keys` and correct for testing several.
+/// Test `tokens` under each of `keys` (leaving out `common` tuples, if given) and
+/// correct for testing several.
 pub fn detect_multi_key(
     keys: &[Arc<WatermarkKey>],
     scheme: &Scheme,
     excluded: &ExcludedTokens,
+    common: Option<&Arc<CommonTuples>>,
     tokens: &[u32],
 ) -> MultiKeyDetection {
     let per_key: Vec<Detection> = keys
         .iter()
-        .map(|k| Detector::new(k.clone(), scheme.clone(), excluded.clone()).detect(tokens))
+        .map(|k| {
+            let mut d = Detector::new(k.clone(), scheme.clone(), excluded.clone());
+            if let Some(c) = common {
+                d = d.with_common(c.clone());
+            }
+            d.detect(tokens)
+        })
         .collect();
     let best = per_key
         .iter()

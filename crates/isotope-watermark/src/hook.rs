@@ -44,7 +44,10 @@ pub struct WatermarkHook {
     used_windows: HashSet<Vec<TokenId>>,
     pending: Option<WindowPrf>,
     words: Vec<u32>,
-    unigram_words: Option<Vec<u32>>,
+    /// Per token: `delta` where biasable, `0` for excluded tokens (KGW), built once.
+    delta_mask: Vec<f32>,
+    /// Unigram's fixed bias vector (δ on green, non-excluded tokens), built once.
+    unigram_bias: Vec<f32>,
     watermarked: usize,
 }
 
@@ -69,7 +72,8 @@ impl WatermarkHook {
             used_windows: HashSet::new(),
             pending: None,
             words: Vec::new(),
-            unigram_words: None,
+            delta_mask: Vec::new(),
+            unigram_bias: Vec::new(),
             watermarked: 0,
         }
     }
@@ -102,29 +106,22 @@ impl WatermarkHook {
         Some(window)
     }
 
-    fn add_green_bias(
-        &mut self,
-        logits: &mut [f32],
-        words_from: WordsFrom,
-        gamma: f64,
-        delta: f32,
-    ) {
-        let (threshold, _) = green_threshold(gamma);
-        let words = match words_from {
-            WordsFrom::Scratch => &self.words,
-            WordsFrom::Unigram => self.unigram_words.as_ref().expect("filled by caller"),
-        };
-        for (t, (l, &w)) in logits.iter_mut().zip(words.iter()).enumerate() {
-            if is_green(w, threshold) && !self.excluded.get(t).copied().unwrap_or(false) {
-                *l += delta;
-            }
-        }
+    /// `delta` for every token that may be biased, `0` for excluded ones.
+    fn delta_mask(&self, vocab: usize, delta: f32) -> Vec<f32> {
+        (0..vocab)
+            .map(|t| if self.excluded(t) { 0.0 } else { delta })
+            .collect()
     }
 }
 
-enum WordsFrom {
-    Scratch,
-    Unigram,
+/// `logits[t] += delta_mask[t]` where `words[t]` is green: branch-free over equal-length
+/// slices so the compiler vectorises it (a compare to 0/1, a multiply-add per token).
+fn add_green_bias(logits: &mut [f32], words: &[u32], delta_mask: &[f32], threshold: u32) {
+    let n = logits.len().min(words.len()).min(delta_mask.len());
+    let (logits, words, delta_mask) = (&mut logits[..n], &words[..n], &delta_mask[..n]);
+    for ((l, &w), &d) in logits.iter_mut().zip(words).zip(delta_mask) {
+        *l += d * f32::from(u8::from(is_green(w, threshold)));
+    }
 }
 
 impl SamplingHook for WatermarkHook {
@@ -148,17 +145,31 @@ impl SamplingHook for WatermarkHook {
                 }
             }
             Scheme::Kgw { gamma, delta, .. } => {
+                if self.delta_mask.len() != vocab {
+                    self.delta_mask = self.delta_mask(vocab, delta);
+                }
                 let mut prf = WindowPrf::new(&self.scheme, &self.key, window);
                 prf.words(vocab, &mut self.words);
-                self.add_green_bias(logits, WordsFrom::Scratch, gamma, delta);
+                let (threshold, _) = green_threshold(gamma);
+                add_green_bias(logits, &self.words, &self.delta_mask, threshold);
             }
             Scheme::Unigram { gamma, delta } => {
-                if self.unigram_words.as_ref().is_none_or(|w| w.len() != vocab) {
+                if self.unigram_bias.len() != vocab {
+                    // One fixed list: the bias vector is computed once per response.
                     let mut words = Vec::new();
                     WindowPrf::new(&self.scheme, &self.key, &[]).words(vocab, &mut words);
-                    self.unigram_words = Some(words);
+                    let mut bias = vec![0.0; vocab];
+                    add_green_bias(
+                        &mut bias,
+                        &words,
+                        &self.delta_mask(vocab, delta),
+                        green_threshold(gamma).0,
+                    );
+                    self.unigram_bias = bias;
                 }
-                self.add_green_bias(logits, WordsFrom::Unigram, gamma, delta);
+                for (l, &b) in logits.iter_mut().zip(&self.unigram_bias) {
+                    *l += b;
+                }
             }
             Scheme::Gumbel { .. } | Scheme::SynthId { .. } => {
                 self.pending = Some(WindowPrf::new(&self.scheme, &self.key, window));

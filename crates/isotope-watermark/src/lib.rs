@@ -11,6 +11,7 @@
 //! Pure computation: no I/O, no HTTP, no llama.cpp. Reading key files is the caller's
 //! job ([`WatermarkKey::parse_file`] takes their text).
 
+pub mod common;
 mod detect;
 mod hook;
 mod key;
@@ -18,6 +19,7 @@ mod prf;
 mod scheme;
 pub mod stats;
 
+pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
     detect_multi_key, Detection, Detector, MultiKeyDetection, Tally, WindowedDetection,
 };

@@ -289,6 +289,9 @@ impl FromStr for Scheme {
 pub(crate) struct WindowPrf {
     /// Seeds the keystream (and identifies the window for deduplication).
     pub(crate) seed: [u8; 32],
+    /// MinHash: the window token whose keyed hash is smallest (it alone seeds the
+    /// list); 0 for other schemes.
+    pub(crate) anchor: u32,
     stream: Keystream,
 }
 
@@ -296,6 +299,7 @@ impl WindowPrf {
     /// Derive the window's seed. `window` is exactly the `h` tokens before the
     /// position (empty for Unigram).
     pub(crate) fn new(scheme: &Scheme, key: &WatermarkKey, window: &[u32]) -> Self {
+        let mut anchor = 0;
         let seed = match scheme {
             Scheme::Kgw {
                 seeding: Seeding::Left,
@@ -305,14 +309,15 @@ impl WindowPrf {
                 seeding: Seeding::Min,
                 ..
             } => {
-                let min = window
+                let (min, token) = window
                     .iter()
                     .map(|&t| {
                         let h = key.prf(b"kgw-min-token", &[t]);
-                        u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+                        (u64::from_le_bytes(h[..8].try_into().expect("8 bytes")), t)
                     })
                     .min()
-                    .unwrap_or(0);
+                    .unwrap_or((0, 0));
+                anchor = token;
                 key.prf(b"kgw-min", &[min as u32, (min >> 32) as u32])
             }
             Scheme::Kgw {
@@ -325,6 +330,7 @@ impl WindowPrf {
         };
         Self {
             seed,
+            anchor,
             stream: Keystream::new(seed),
         }
     }

@@ -1,7 +1,10 @@
 //! `isotope` — the command-line front end. Wiring only: parsing, output formats and
 //! progress; the work happens in the library crates.
 
+mod eval;
 mod generate;
+mod loadtest;
+mod serve;
 mod watermark;
 
 use std::path::PathBuf;
@@ -33,6 +36,14 @@ enum Command {
     Keygen(watermark::KeygenArgs),
     /// Test text on stdin for a watermark; prints a p-value.
     Detect(watermark::DetectArgs),
+    /// Evaluations: `watermark` (power, quality, robustness), `common-tuples`.
+    Eval(eval::EvalArgs),
+    /// Serve the model behind an OpenAI-compatible API, watermarking every response.
+    Serve(serve::ServeArgs),
+    /// Manage API keys and accounts (create, list, revoke, set-level).
+    Keys(serve::KeysArgs),
+    /// Load-test the HTTP server at several concurrencies, watermark on vs off.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -60,6 +71,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => generate::bench(args),
         Command::Keygen(args) => watermark::keygen(args),
         Command::Detect(args) => watermark::detect(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Keys(args) => serve::keys(args),
+        Command::Loadtest(args) => loadtest::loadtest(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use isotope_engine::{LoadOptions, Model};
-use isotope_watermark::{detect_multi_key, Detector, ExcludedTokens, Scheme, WatermarkKey};
+use isotope_watermark::{
+    detect_multi_key, CommonTuples, Detector, ExcludedTokens, Scheme, WatermarkKey,
+};
 use serde_json::json;
 
 use crate::ModelArgs;
@@ -35,6 +37,25 @@ pub fn load_key(path: &Path) -> Result<Arc<WatermarkKey>> {
 /// Parse `--scheme`.
 pub fn parse_scheme(spec: &str) -> Result<Scheme> {
     Ok(spec.parse::<Scheme>()?)
+}
+
+/// The common-tuples list detection leaves out: `path`, else the one built into
+/// isotope (for SmolLM2's tokenizer); none with `off`. A list built for another
+/// tokenizer is an error that says how to proceed.
+pub fn common_list(
+    model: &Model,
+    path: Option<&Path>,
+    off: bool,
+) -> Result<Option<Arc<CommonTuples>>> {
+    if off {
+        return Ok(None);
+    }
+    let list = match path {
+        Some(p) => isotope_eval::load_common_tuples(p, model)?,
+        None => isotope_eval::shipped_common_tuples(model)
+            .context("pass --common-tuples FILE built for this model, or --no-common-filter")?,
+    };
+    Ok(Some(Arc::new(list)))
 }
 
 /// The control-token mask of a model, shared by hooks and detectors.
@@ -114,6 +135,16 @@ pub struct DetectArgs {
     /// Shortest span, in scored tokens, for --windowed.
     #[arg(long, default_value_t = 16)]
     min_span: usize,
+    /// List of (window, token) tuples common in human text, never scored (default:
+    /// the list built into isotope for SmolLM2's tokenizer; see `isotope eval
+    /// common-tuples`).
+    #[arg(long)]
+    common_tuples: Option<PathBuf>,
+    /// Score every tuple, even those common in human text (the p-value stays valid
+    /// over random keys, but for one fixed key formulaic human text is flagged more
+    /// often than the p-value says).
+    #[arg(long)]
+    no_common_filter: bool,
     #[command(flatten)]
     model: ModelArgs,
     /// Print one JSON object.
@@ -149,7 +180,8 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     )?;
     let tokens = model.tokenize(&text, false, false);
     let excluded = excluded(&model);
-    let multi = detect_multi_key(&keys, &scheme, &excluded, &tokens);
+    let common = common_list(&model, a.common_tuples.as_deref(), a.no_common_filter)?;
+    let multi = detect_multi_key(&keys, &scheme, &excluded, common.as_ref(), &tokens);
     let mut report = json!({
         "scheme": scheme.to_string(),
         "p_value": multi.p_value,
@@ -157,6 +189,8 @@ pub fn detect(a: DetectArgs) -> Result<()> {
         "scored_tokens": multi.per_key.iter().map(|d| d.scored_tokens).max().unwrap_or(0),
         "tokens": tokens.len(),
         "key_id": multi.best_key_id,
+        "common_filter": common.is_some(),
+        "common_excluded": multi.per_key.iter().map(|d| d.common_excluded).max().unwrap_or(0),
     });
     if keys.len() == 1 {
         report["statistic"] = json!(multi.per_key[0].statistic);
@@ -168,8 +202,12 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             .iter()
             .find(|k| k.id() == multi.best_key_id)
             .unwrap_or(&keys[0]);
-        Detector::new(best_key.clone(), scheme.clone(), excluded)
-            .detect_windowed(&tokens, a.min_span)
+        let d = Detector::new(best_key.clone(), scheme.clone(), excluded);
+        match &common {
+            Some(c) => d.with_common(c.clone()),
+            None => d,
+        }
+        .detect_windowed(&tokens, a.min_span)
     });
     if let Some(w) = &windowed {
         report["windowed"] = json!({
@@ -190,8 +228,13 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             "not detected"
         };
         println!(
-            "{verdict}: p = {:.3e} (log10 {:.1}) over {} scored tokens, scheme {}",
-            multi.p_value, multi.log10_p_value, report["scored_tokens"], scheme
+            "{verdict}: p = {:.3e} (log10 {:.1}) over {} scored tokens ({} left out as \
+             common in human text), scheme {}",
+            multi.p_value,
+            multi.log10_p_value,
+            report["scored_tokens"],
+            report["common_excluded"],
+            scheme
         );
         if let Some(w) = &windowed {
             println!(

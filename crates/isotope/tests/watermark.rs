@@ -258,3 +258,49 @@ fn bad_inputs_are_clear_errors() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn detect_reports_the_common_tuple_filter_and_it_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixed_key(dir.path(), 0x6b);
+    // Formulaic human text (GSM8K-style worked answers): full of tuples the shipped
+    // common-tuples list leaves out.
+    let text = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\
+                Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n\
+                #### 72\n\
+                Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n\
+                Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n\
+                #### 10\n\
+                In the beginning, Betty has only 100 / 2 = $<<100/2=50>>50.\n\
+                Betty's grandparents gave her 15 * 2 = $<<15*2=30>>30.\n\
+                This means, Betty needs 100 - 50 - 30 - 15 = $<<100-50-30-15=5>>5 more.\n\
+                #### 5\n";
+    let detect_with = |extra: &[&str]| -> Value {
+        let mut cmd = isotope();
+        cmd.args(["detect", "--model", &model(), "--json"])
+            .arg("--watermark-key")
+            .arg(&key)
+            .args(extra)
+            .write_stdin(text);
+        let (code, stdout, stderr) = run(&mut cmd);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let on = detect_with(&[]);
+    assert_eq!(on["common_filter"], Value::Bool(true), "{on}");
+    let excluded = on["common_excluded"].as_u64().unwrap();
+    assert!(excluded > 0, "formulaic text hit no common tuple: {on}");
+    let off = detect_with(&["--no-common-filter"]);
+    assert_eq!(off["common_filter"], Value::Bool(false), "{off}");
+    assert_eq!(off["common_excluded"].as_u64(), Some(0), "{off}");
+    // Without the filter the common tuples are scored too.
+    assert_eq!(
+        off["scored_tokens"].as_u64().unwrap(),
+        on["scored_tokens"].as_u64().unwrap() + excluded,
+        "on: {on}, off: {off}"
+    );
+    for d in [&on, &off] {
+        let p = d["p_value"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{d}");
+    }
+}

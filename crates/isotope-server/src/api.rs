@@ -753,8 +753,9 @@ impl Driver {
                     }
                     Endpoint::Completions => {
                         let offset = self.choices[choice].offsets.last().copied().unwrap_or(0);
-                        let lp = want_lp
-                            .then(|| self.completion_logprobs(&[sampled.clone()], &[offset]));
+                        let lp = want_lp.then(|| {
+                            self.completion_logprobs(std::slice::from_ref(&sampled), &[offset])
+                        });
                         self.completion_chunk(choice, &text, lp, None)
                     }
                 });

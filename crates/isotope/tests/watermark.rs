@@ -155,7 +155,10 @@ fn every_scheme_is_detected_in_its_own_output_only() {
             d["p_value"].as_f64().unwrap() < bar,
             "{scheme}: watermarked text not detected: {d}"
         );
-        assert!(d["scored_tokens"].as_u64().unwrap() > 50, "{d}");
+        // The common-tuple filter leaves Unigram (tuple = the token alone) only the
+        // rarer tokens of a response: ~20 of 200 here, against ~190 for the others.
+        let min_scored = if scheme == "unigram" { 10 } else { 50 };
+        assert!(d["scored_tokens"].as_u64().unwrap() > min_scored, "{d}");
         let d = detect(&[&key], scheme, plain["text"].as_str().unwrap());
         assert!(
             d["p_value"].as_f64().unwrap() > 1e-3,

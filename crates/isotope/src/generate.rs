@@ -126,6 +126,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
+    if a.model.model.is_dir() {
+        if a.watermark_key.is_some() {
+            bail!("--watermark-key is not supported with a student directory");
+        }
+        return crate::distill::generate_student(crate::distill::StudentGenerate {
+            dir: &a.model.model,
+            prompt: &a.prompt,
+            system: a.system.as_deref(),
+            raw: a.raw,
+            max_tokens: a.max_tokens,
+            params,
+            stop: &a.stop,
+            json: a.json,
+        });
+    }
     let scheme = crate::watermark::parse_scheme(&a.scheme)?;
     let key = a
         .watermark_key

@@ -1,6 +1,7 @@
 //! `isotope` — the command-line front end. Wiring only: parsing, output formats and
 //! progress; the work happens in the library crates.
 
+mod distill;
 mod eval;
 mod generate;
 mod loadtest;
@@ -42,6 +43,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Manage API keys and accounts (create, list, revoke, set-level).
     Keys(serve::KeysArgs),
+    /// Distillation: harvest a teacher's API, train a student, evaluate it.
+    Distill(distill::DistillArgs),
     /// Load-test the HTTP server at several concurrencies, watermark on vs off.
     Loadtest(loadtest::LoadtestArgs),
 }
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Keys(args) => serve::keys(args),
         Command::Loadtest(args) => loadtest::loadtest(args),
+        Command::Distill(args) => distill::distill(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

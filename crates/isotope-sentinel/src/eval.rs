@@ -1,0 +1,456 @@
+//! Training, evaluation, leave-one-strategy-out and the throughput benchmark.
+//!
+//! Honesty rules this module keeps: the model is fitted on one seed of the *tuning*
+//! prompt split, its flag threshold calibrated on a second tuning seed, and it is
+//! evaluated on a different seed of the *evaluation* split (the default scenario).
+//! Traffic is replayed once through a recording [`Sentinel`]; the recorded feature
+//! snapshots are then scored by each model, which is exactly what the online sentinel
+//! would have computed at those moments (features do not depend on the weights).
+//! An account counts as flagged if it reached `flag` at *any* re-score — the online
+//! false-positive rate, not the end-of-run one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use isotope_store::UsageEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::embed::{quantize, Embedder, HashedEmbedder};
+use crate::features::{Features, Reference};
+use crate::model::{fit_logistic, logit, sigmoid, Level, Model, Thresholds, L2};
+use crate::sentinel::{Sentinel, SentinelConfig, Snapshot};
+use crate::sim::{simulate, Scenario, SimError, Simulated};
+use crate::stats::{auc, clopper_pearson_upper, median};
+
+/// How the default model is trained.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Scenario (normally on the tuning prompt split).
+    pub scenario: Scenario,
+    /// Seed of the simulation the weights are fitted on.
+    pub fit_seed: u64,
+    /// Seed of the simulation the flag threshold is calibrated on.
+    pub calib_seed: u64,
+    /// Benign share allowed to reach `flag` in calibration (below the 0.3% goal, to
+    /// leave room for seed-to-seed variation).
+    pub target_fpr: f64,
+    /// Logit added to the calibrated threshold, for the same reason.
+    pub margin_logit: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            scenario: Scenario::training(),
+            fit_seed: 0x7121,
+            calib_seed: 0x7122,
+            target_fpr: 0.001,
+            margin_logit: 0.5,
+        }
+    }
+}
+
+/// Benign prompts of a simulation, embedded: the MMD reference. Taken from the
+/// *fitting* simulation only, every k-th benign prompt.
+pub fn build_reference(sim: &Simulated, embedder: &dyn Embedder, size: usize) -> Reference {
+    let texts: Vec<String> = sim
+        .events
+        .iter()
+        .filter(|e| sim.labels.get(&e.account_id).map(String::as_str) == Some("benign"))
+        .filter_map(|e| crate::text::new_user_text(e.prompt_text.as_deref()))
+        .collect();
+    let step = (texts.len() / size.max(1)).max(1);
+    let mut buf = vec![0.0; embedder.dim()];
+    let vectors: Vec<_> = texts
+        .iter()
+        .step_by(step)
+        .take(size)
+        .map(|t| {
+            embedder.embed(t, &mut buf);
+            quantize(&buf)
+        })
+        .collect();
+    Reference::new(vectors)
+}
+
+/// Replays events through a recording sentinel and returns its snapshots.
+pub fn replay(events: &[UsageEvent], model: Arc<Model>) -> Vec<Snapshot> {
+    let mut s = Sentinel::new(SentinelConfig::with_model(model));
+    s.record_snapshots();
+    for e in events {
+        s.observe(e);
+    }
+    s.take_snapshots()
+}
+
+struct Prepared {
+    fit: Vec<Snapshot>,
+    fit_labels: BTreeMap<i64, String>,
+    cal: Vec<Snapshot>,
+    cal_labels: BTreeMap<i64, String>,
+    reference: Reference,
+    embedder: String,
+}
+
+fn prepare(tc: &TrainConfig) -> Result<Prepared, SimError> {
+    let embedder = HashedEmbedder::default();
+    let fit_sim = simulate(&tc.scenario, tc.fit_seed)?;
+    let reference = build_reference(&fit_sim, &embedder, 64);
+    let base = Arc::new(Model::untrained(embedder.name(), reference.clone()));
+    let fit = replay(&fit_sim.events, base.clone());
+    let cal_sim = simulate(&tc.scenario, tc.calib_seed)?;
+    let cal = replay(&cal_sim.events, base);
+    Ok(Prepared {
+        fit,
+        fit_labels: fit_sim.labels,
+        cal,
+        cal_labels: cal_sim.labels,
+        reference,
+        embedder: embedder.name(),
+    })
+}
+
+fn fit(p: &Prepared, tc: &TrainConfig, exclude: Option<&str>) -> Model {
+    let mut model = Model::untrained(p.embedder.clone(), p.reference.clone());
+    let mut per_account: HashMap<i64, f64> = HashMap::new();
+    for s in &p.fit {
+        *per_account.entry(s.account_id).or_default() += 1.0;
+    }
+    let mut rows: Vec<Features> = Vec::new();
+    let mut labels = Vec::new();
+    let mut weights = Vec::new();
+    for s in &p.fit {
+        let label = p
+            .fit_labels
+            .get(&s.account_id)
+            .map(String::as_str)
+            .unwrap_or("benign");
+        if Some(label) == exclude {
+            continue;
+        }
+        let w = 1.0 / per_account[&s.account_id];
+        let harvest = label != "benign";
+        if s.requests >= model.min_requests {
+            rows.push(s.account);
+            labels.push(harvest);
+            weights.push(w);
+        }
+        if let Some((fc, _)) = &s.cluster {
+            rows.push(*fc);
+            labels.push(harvest);
+            weights.push(w);
+        }
+    }
+    let (mean, scale, w, b) = fit_logistic(&rows, &labels, &weights, L2);
+    model.mean = mean;
+    model.scale = scale;
+    model.weights = w;
+    model.bias = b;
+    // calibrate the flag threshold on benign accounts of the second seed
+    let outcomes = score_snapshots(&model, &p.cal, None);
+    let mut benign: Vec<f64> = outcomes
+        .iter()
+        .filter(|(id, _)| p.cal_labels.get(id).map(String::as_str) == Some("benign"))
+        .map(|(_, o)| o.max_score)
+        .collect();
+    benign.sort_by(|a, b| b.total_cmp(a));
+    let k = (tc.target_fpr * benign.len() as f64).floor() as usize;
+    let at = benign.get(k).copied().unwrap_or(0.5);
+    model.thresholds = Thresholds::from_flag(sigmoid(logit(at) + tc.margin_logit));
+    model.trained_on = format!(
+        "{} split={:?} fit_seed={} calib_seed={} target_fpr={} excluded={}",
+        tc.scenario.name,
+        tc.scenario.prompt_split,
+        tc.fit_seed,
+        tc.calib_seed,
+        tc.target_fpr,
+        exclude.unwrap_or("none")
+    );
+    model
+}
+
+/// Trains a model (see [`TrainConfig`]).
+pub fn train(tc: &TrainConfig) -> Result<Model, SimError> {
+    Ok(fit(&prepare(tc)?, tc, None))
+}
+
+/// The default model, trained once per process on [`TrainConfig::default`] (a few
+/// seconds; deterministic). Serialise it with serde to skip this at start-up.
+pub fn default_model() -> Result<Arc<Model>, String> {
+    static MODEL: OnceLock<Result<Arc<Model>, String>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            train(&TrainConfig::default())
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+#[derive(Clone, Debug, Default)]
+struct Outcome {
+    max_score: f64,
+    max_level: Option<Level>,
+    flagged_at: Option<u64>,
+    requests: u64,
+}
+
+/// Scores snapshots with a model; per account: max score, first flag, final count.
+/// `flag` overrides the model's flag threshold (for calibration, `None`).
+fn score_snapshots(model: &Model, snaps: &[Snapshot], flag: Option<f64>) -> BTreeMap<i64, Outcome> {
+    let mut out: BTreeMap<i64, Outcome> = BTreeMap::new();
+    let flag = flag.unwrap_or(model.thresholds.flag);
+    for s in snaps {
+        let own = if s.requests >= model.min_requests {
+            model.score(&s.account)
+        } else {
+            0.0
+        };
+        let cl = s
+            .cluster
+            .as_ref()
+            .map(|(f, _)| model.score(f))
+            .unwrap_or(0.0);
+        let score = own.max(cl);
+        let o = out.entry(s.account_id).or_default();
+        o.max_score = o.max_score.max(score);
+        o.requests = o.requests.max(s.requests);
+        let level = model.thresholds.level(score);
+        o.max_level = Some(o.max_level.map_or(level, |l| l.max(level)));
+        if score >= flag && o.flagged_at.is_none() {
+            o.flagged_at = Some(s.requests);
+        }
+    }
+    out
+}
+
+/// Per-strategy results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StrategyReport {
+    /// Accounts with this label.
+    pub accounts: usize,
+    /// Of which reached `flag` at some point.
+    pub flagged: usize,
+    /// `flagged / accounts`.
+    pub tpr: f64,
+    /// AUC of these accounts' max scores against all benign accounts.
+    pub auc: Option<f64>,
+    /// Median over flagged accounts of the account's own request count when first
+    /// flagged.
+    pub median_requests_until_flagged: Option<f64>,
+    /// Median requests per account over the whole run.
+    pub median_requests: Option<f64>,
+    /// Accounts per highest level reached.
+    pub levels: BTreeMap<String, usize>,
+}
+
+/// Evaluation result (`isotope sentinel eval --json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// What the model was trained on.
+    pub model: String,
+    /// Usage events replayed.
+    pub events: usize,
+    /// Benign accounts.
+    pub benign_accounts: usize,
+    /// Harvesting accounts (all strategies).
+    pub harvest_accounts: usize,
+    /// Share of harvesting accounts flagged (any strategy).
+    pub tpr: f64,
+    /// Share of benign accounts ever flagged.
+    pub fpr: f64,
+    /// Benign accounts ever flagged.
+    pub benign_flagged: usize,
+    /// Clopper–Pearson 95% upper bound of `fpr`.
+    pub fpr_upper95: f64,
+    /// ROC AUC of max scores, harvesting vs benign.
+    pub auc: Option<f64>,
+    /// Median requests until flagged over all flagged harvesting accounts.
+    pub median_requests_until_flagged: Option<f64>,
+    /// Level thresholds used.
+    pub thresholds: Thresholds,
+    /// Per strategy.
+    pub per_strategy: BTreeMap<String, StrategyReport>,
+    /// Benign accounts per highest level reached.
+    pub benign_levels: BTreeMap<String, usize>,
+    /// Ids of benign accounts flagged (for inspection).
+    pub benign_flagged_ids: Vec<i64>,
+}
+
+fn report(
+    model: &Model,
+    snaps: &[Snapshot],
+    labels: &BTreeMap<i64, String>,
+    events: usize,
+) -> EvalReport {
+    let outcomes = score_snapshots(model, snaps, None);
+    let mut by_label: BTreeMap<String, Vec<&Outcome>> = BTreeMap::new();
+    for (id, label) in labels {
+        if let Some(o) = outcomes.get(id) {
+            by_label.entry(label.clone()).or_default().push(o);
+        }
+    }
+    let benign = by_label.remove("benign").unwrap_or_default();
+    let benign_scores: Vec<f64> = benign.iter().map(|o| o.max_score).collect();
+    let levels = |os: &[&Outcome]| {
+        let mut m = BTreeMap::new();
+        for o in os {
+            *m.entry(o.max_level.unwrap_or(Level::Observe).as_str().to_string())
+                .or_insert(0) += 1;
+        }
+        m
+    };
+    let mut per_strategy = BTreeMap::new();
+    let mut all_pos = Vec::new();
+    let mut all_rtf = Vec::new();
+    let mut flagged_total = 0;
+    for (label, os) in &by_label {
+        let flagged: Vec<f64> = os
+            .iter()
+            .filter_map(|o| o.flagged_at.map(|x| x as f64))
+            .collect();
+        let scores: Vec<f64> = os.iter().map(|o| o.max_score).collect();
+        all_pos.extend(scores.iter().copied());
+        all_rtf.extend(flagged.iter().copied());
+        flagged_total += flagged.len();
+        per_strategy.insert(
+            label.clone(),
+            StrategyReport {
+                accounts: os.len(),
+                flagged: flagged.len(),
+                tpr: flagged.len() as f64 / os.len().max(1) as f64,
+                auc: auc(&scores, &benign_scores),
+                median_requests_until_flagged: median(&flagged),
+                median_requests: median(&os.iter().map(|o| o.requests as f64).collect::<Vec<_>>()),
+                levels: levels(os),
+            },
+        );
+    }
+    let benign_flagged_ids: Vec<i64> = labels
+        .iter()
+        .filter(|(_, l)| l.as_str() == "benign")
+        .filter(|(id, _)| outcomes.get(id).is_some_and(|o| o.flagged_at.is_some()))
+        .map(|(id, _)| *id)
+        .collect();
+    let nb = benign.len();
+    EvalReport {
+        model: model.trained_on.clone(),
+        events,
+        benign_accounts: nb,
+        harvest_accounts: all_pos.len(),
+        tpr: flagged_total as f64 / all_pos.len().max(1) as f64,
+        fpr: benign_flagged_ids.len() as f64 / nb.max(1) as f64,
+        benign_flagged: benign_flagged_ids.len(),
+        fpr_upper95: clopper_pearson_upper(benign_flagged_ids.len() as u64, nb as u64, 0.05),
+        auc: auc(&all_pos, &benign_scores),
+        median_requests_until_flagged: median(&all_rtf),
+        thresholds: model.thresholds.clone(),
+        per_strategy,
+        benign_levels: levels(&benign),
+        benign_flagged_ids,
+    }
+}
+
+/// Replays labelled events through the sentinel with `model` and reports TPR per
+/// strategy, benign FPR with its Clopper–Pearson bound, AUC and requests until
+/// flagged. `labels`: account id → `"benign"` or a strategy name.
+pub fn evaluate(
+    events: &[UsageEvent],
+    labels: &BTreeMap<i64, String>,
+    model: Arc<Model>,
+) -> EvalReport {
+    let snaps = replay(events, model.clone());
+    report(&model, &snaps, labels, events.len())
+}
+
+/// One held-out strategy.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LooEntry {
+    /// The strategy left out of training.
+    pub strategy: String,
+    /// Its TPR when the model never saw it.
+    pub tpr: f64,
+    /// Its AUC against benign.
+    pub auc: Option<f64>,
+    /// Its median requests until flagged.
+    pub median_requests_until_flagged: Option<f64>,
+    /// Benign FPR of that model (threshold recalibrated without the strategy).
+    pub fpr: f64,
+    /// Clopper–Pearson 95% upper bound of `fpr`.
+    pub fpr_upper95: f64,
+}
+
+/// Leave-one-strategy-out results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LooReport {
+    /// One entry per strategy present in the evaluation traffic.
+    pub entries: Vec<LooEntry>,
+}
+
+/// For each strategy S: train and calibrate without S's accounts, evaluate on S (and
+/// on benign) in `eval` traffic.
+pub fn leave_one_out(tc: &TrainConfig, eval: &Simulated) -> Result<LooReport, SimError> {
+    let p = prepare(tc)?;
+    let base = Arc::new(Model::untrained(p.embedder.clone(), p.reference.clone()));
+    let snaps = replay(&eval.events, base);
+    let strategies: std::collections::BTreeSet<&String> = eval
+        .labels
+        .values()
+        .filter(|l| l.as_str() != "benign")
+        .collect();
+    let mut entries = Vec::new();
+    for s in strategies {
+        let model = fit(&p, tc, Some(s));
+        let r = report(&model, &snaps, &eval.labels, eval.events.len());
+        let st = &r.per_strategy[s];
+        entries.push(LooEntry {
+            strategy: s.clone(),
+            tpr: st.tpr,
+            auc: st.auc,
+            median_requests_until_flagged: st.median_requests_until_flagged,
+            fpr: r.fpr,
+            fpr_upper95: r.fpr_upper95,
+        });
+    }
+    Ok(LooReport { entries })
+}
+
+/// Throughput and memory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Events observed.
+    pub events: usize,
+    /// Accounts.
+    pub accounts: usize,
+    /// Re-scores performed while observing.
+    pub rescored: usize,
+    /// Single-thread events per second, `observe` including scheduled re-scoring.
+    pub events_per_sec_per_core: f64,
+    /// Seconds for one `assess` over every account at the end.
+    pub assess_all_seconds: f64,
+    /// Mean bytes per account (sketches plus shared linker indexes).
+    pub bytes_per_account: f64,
+}
+
+/// Measures `observe` throughput on one core and memory per account.
+pub fn bench(events: &[UsageEvent], model: Arc<Model>) -> BenchReport {
+    let mut s = Sentinel::new(SentinelConfig::with_model(model));
+    let start = Instant::now();
+    let mut rescored = 0;
+    for e in events {
+        rescored += s.observe(e).is_some() as usize;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let now = events.last().map(|e| e.created_at_ms).unwrap_or(0);
+    let _ = s.assess(now);
+    BenchReport {
+        events: events.len(),
+        accounts: s.accounts(),
+        rescored,
+        events_per_sec_per_core: events.len() as f64 / secs.max(1e-9),
+        assess_all_seconds: t.elapsed().as_secs_f64(),
+        bytes_per_account: s.bytes_per_account(),
+    }
+}

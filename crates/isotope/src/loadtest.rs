@@ -2,7 +2,10 @@
 //! side in one run. Starts two in-process servers on loopback (same model, same
 //! settings, one with the watermark disabled), then for each concurrency level runs
 //! the same closed-loop load against each, alternating, and prints tokens/s and
-//! latency percentiles with the on/off ratio.
+//! latency percentiles with the on/off ratio. Each server answers one warm-up request
+//! first (page-ins and allocator growth would otherwise land on whichever runs
+//! first), and the order alternates between levels (on→off, off→on, …) so a drift
+//! in machine load does not always favour the same side.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,26 +158,34 @@ pub fn loadtest(a: LoadtestArgs) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let load = |s: &Running, concurrency: usize, requests: usize, max_tokens: u32| LoadConfig {
+            base_url: s.base_url.clone(),
+            api_key: s.api_key.clone(),
+            model: model_name.clone(),
+            concurrency,
+            requests,
+            max_tokens,
+            temperature: 0.8,
+            prompts: Arc::clone(&prompts),
+            time_limit: Duration::from_secs(a.time_limit),
+        };
+        for s in &servers {
+            let warm = run_load(&load(s, 1, 1, 8)).await?;
+            if warm.requests_ok != 1 {
+                bail!("warm-up request to {} failed", s.base_url);
+            }
+        }
         let mut rows = Vec::new();
-        for &c in &a.concurrency {
-            let mut results = Vec::new();
-            for s in &servers {
-                let cfg = LoadConfig {
-                    base_url: s.base_url.clone(),
-                    api_key: s.api_key.clone(),
-                    model: model_name.clone(),
-                    concurrency: c,
-                    requests: a.requests,
-                    max_tokens: a.max_tokens,
-                    temperature: 0.8,
-                    prompts: Arc::clone(&prompts),
-                    time_limit: Duration::from_secs(a.time_limit),
-                };
-                let r = run_load(&cfg).await?;
+        for (level, &c) in a.concurrency.iter().enumerate() {
+            // servers[0] has the watermark on; alternate which side runs first.
+            let order: [usize; 2] = if level % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut results: [Option<LoadResult>; 2] = [None, None];
+            for i in order {
+                let r = run_load(&load(&servers[i], c, a.requests, a.max_tokens)).await?;
                 if !a.json {
                     eprintln!(
                         "c={c:<3} watermark {:<3} {:>7.1} tok/s  p50 {:>7.0} ms  p99 {:>7.0} ms  ttft p50 {:>6.0} ms  ({} ok, {} errors)",
-                        if results.is_empty() { "on" } else { "off" },
+                        if i == 0 { "on" } else { "off" },
                         r.tokens_per_sec,
                         r.latency_p50_ms,
                         r.latency_p99_ms,
@@ -183,10 +194,9 @@ pub fn loadtest(a: LoadtestArgs) -> Result<()> {
                         r.errors
                     );
                 }
-                results.push(r);
+                results[i] = Some(r);
             }
-            let off = results.pop().expect("two servers");
-            let on = results.pop().expect("two servers");
+            let [on, off] = results.map(|r| r.expect("both servers ran"));
             rows.push(Row {
                 concurrency: c,
                 throughput_ratio: on.tokens_per_sec / off.tokens_per_sec.max(1e-9),

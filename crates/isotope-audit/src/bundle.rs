@@ -26,7 +26,9 @@ use isotope_watermark::WatermarkKey;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{score, AuditError, AuditResult, Evidence, EvidenceText, Mode, Result, ScoredTuple, Scoring};
+use crate::{
+    score, AuditError, AuditResult, Evidence, EvidenceText, Mode, Result, ScoredTuple, Scoring,
+};
 
 /// `bundle.json`'s `format`.
 pub const FORMAT: &str = "isotope-audit-bundle/1";
@@ -78,9 +80,10 @@ fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| {
-            AuditError::Bundle(format!("{}:{}: {e}", path.display(), i + 1))
-        })?);
+        out.push(
+            serde_json::from_str(&line)
+                .map_err(|e| AuditError::Bundle(format!("{}:{}: {e}", path.display(), i + 1)))?,
+        );
     }
     Ok(out)
 }
@@ -161,7 +164,11 @@ fn close(a: f64, b: f64) -> bool {
 /// Check `keys` against the bundle's commitments and recompute everything from the
 /// evidence. With a subset of the bundle's keys, per-key results and tuples are
 /// compared for those keys, and the headline p-value only when all keys are given.
-pub fn verify(bundle: &Bundle, keys: &[Arc<WatermarkKey>], scoring: &Scoring) -> Result<Verification> {
+pub fn verify(
+    bundle: &Bundle,
+    keys: &[Arc<WatermarkKey>],
+    scoring: &Scoring,
+) -> Result<Verification> {
     let m = &bundle.manifest;
     let mut problems = Vec::new();
     if scoring.scheme.to_string() != m.scheme {
@@ -194,7 +201,16 @@ pub fn verify(bundle: &Bundle, keys: &[Arc<WatermarkKey>], scoring: &Scoring) ->
         && recorded_tuples
             .iter()
             .zip(&recomputed_tuples)
-            .all(|(a, b)| **a == *b || (a.window == b.window && a.token == b.token && a.key_id == b.key_id && a.variant == b.variant && a.text == b.text && a.position == b.position && close(a.value, b.value)));
+            .all(|(a, b)| {
+                **a == *b
+                    || (a.window == b.window
+                        && a.token == b.token
+                        && a.key_id == b.key_id
+                        && a.variant == b.variant
+                        && a.text == b.text
+                        && a.position == b.position
+                        && close(a.value, b.value))
+            });
     if !same_tuples {
         problems.push(format!(
             "tuples.jsonl does not match the evidence: {} recorded, {} recomputed{}",
@@ -219,7 +235,10 @@ pub fn verify(bundle: &Bundle, keys: &[Arc<WatermarkKey>], scoring: &Scoring) ->
             }
         }
     }
-    if keys.len() == m.keys.len() && problems.is_empty() && !close(recomputed.log10_p_value, m.result.log10_p_value) {
+    if keys.len() == m.keys.len()
+        && problems.is_empty()
+        && !close(recomputed.log10_p_value, m.result.log10_p_value)
+    {
         problems.push(format!(
             "headline p-value: recorded {:.3e}, recomputed {:.3e}",
             m.result.p_value, recomputed.p_value

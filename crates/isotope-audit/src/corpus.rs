@@ -29,7 +29,14 @@ pub struct Skipped {
 /// `answer` (GSM8K),
 /// `content`; then an OpenAI response object's `choices[0].message.content` or
 /// `choices[0].text`.
-pub const TEXT_FIELDS: [&str; 6] = ["text", "completion", "response", "output", "answer", "content"];
+pub const TEXT_FIELDS: [&str; 6] = [
+    "text",
+    "completion",
+    "response",
+    "output",
+    "answer",
+    "content",
+];
 
 /// Read one file. It is JSONL when its name ends in `.jsonl`/`.ndjson`, or when its
 /// first non-blank line is a JSON object; otherwise the whole file is one text.

@@ -175,7 +175,12 @@ pub fn score(
     }
     let h = scoring.scheme.context();
     let mut variants = Vec::new();
-    let mut run = |name: &str, per_key_tally: &mut dyn FnMut(&Detector, &mut Tally, &mut dyn FnMut(ScoredTuple))| {
+    let mut run = |name: &str,
+                   per_key_tally: &mut dyn FnMut(
+        &Detector,
+        &mut Tally,
+        &mut dyn FnMut(ScoredTuple),
+    )| {
         let per_key: Vec<Detection> = keys
             .iter()
             .map(|k| {

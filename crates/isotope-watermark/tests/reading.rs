@@ -78,7 +78,6 @@ fn sampled(seed: u64) -> SamplingParams {
     }
 }
 
-
 fn scheme() -> Scheme {
     "kgw:gamma=0.25,delta=2,h=1".parse().unwrap()
 }
@@ -108,7 +107,11 @@ fn predict(tokens: &[u32], suspect: impl Fn(&[u32]) -> u32) -> Vec<u32> {
     (1..=tokens.len()).map(|i| suspect(&tokens[..i])).collect()
 }
 
-fn reading_p(k: &Arc<WatermarkKey>, texts: &[Vec<u32>], suspect: impl Fn(&[u32]) -> u32) -> (f64, u64) {
+fn reading_p(
+    k: &Arc<WatermarkKey>,
+    texts: &[Vec<u32>],
+    suspect: impl Fn(&[u32]) -> u32,
+) -> (f64, u64) {
     let d = Detector::new(k.clone(), scheme(), no_exclusions());
     let mut t = Tally::default();
     for text in texts {
@@ -195,10 +198,19 @@ fn tally_pair_scores_each_window_once_and_reports_why_not() {
     let k = key(3);
     let d = Detector::new(k, scheme(), no_exclusions());
     let mut t = Tally::default();
-    assert!(matches!(d.tally_pair(&mut t, &[5], 9, true), PairOutcome::Scored(_)));
-    assert_eq!(d.tally_pair(&mut t, &[5], 10, true), PairOutcome::RepeatedWindow);
+    assert!(matches!(
+        d.tally_pair(&mut t, &[5], 9, true),
+        PairOutcome::Scored(_)
+    ));
+    assert_eq!(
+        d.tally_pair(&mut t, &[5], 10, true),
+        PairOutcome::RepeatedWindow
+    );
     assert_eq!(d.tally_pair(&mut t, &[6], 10, false), PairOutcome::Filtered);
-    assert_eq!(d.tally_pair(&mut t, &[6], 11, true), PairOutcome::RepeatedWindow);
+    assert_eq!(
+        d.tally_pair(&mut t, &[6], 11, true),
+        PairOutcome::RepeatedWindow
+    );
     assert_eq!(t.scored(), 1);
 }
 

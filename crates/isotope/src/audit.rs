@@ -342,7 +342,12 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     };
     let (mut prompts, warnings) = isotope_distill::read_prompts(prompts_file)?;
     for w in warnings.iter().take(20) {
-        eprintln!("{}:{}: skipped: {}", prompts_file.display(), w.line, w.message);
+        eprintln!(
+            "{}:{}: skipped: {}",
+            prompts_file.display(),
+            w.line,
+            w.message
+        );
     }
     let wanted = a.budget_tokens.div_ceil(u64::from(a.max_tokens.max(1))) as usize;
     prompts.truncate(wanted.max(1));
@@ -353,8 +358,7 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     let tmp;
     let out = match &a.bundle {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             dir.join("harvest.jsonl")
         }
         None => {
@@ -373,8 +377,10 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
         ..HarvestConfig::default()
     };
     let bar = ProgressBar::new(prompts.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} suspect answers {elapsed_precise} {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} suspect answers {elapsed_precise} {msg}",
+        )
+        .expect("static template"),
     );
     let mut progress = |p: &isotope_distill::HarvestProgress| {
         bar.set_position((p.existing + p.written + p.failed) as u64);
@@ -382,7 +388,12 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let report = rt
-        .block_on(isotope_distill::harvest(&cfg, &prompts, &out, &mut progress))
+        .block_on(isotope_distill::harvest(
+            &cfg,
+            &prompts,
+            &out,
+            &mut progress,
+        ))
         .with_context(|| format!("querying the suspect at {}", a.suspect))?;
     bar.finish_and_clear();
     if report.missing > 0 {
@@ -401,9 +412,11 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     let text = std::fs::read_to_string(&out)?;
     let mut evidence = Evidence::default();
     for p in &prompts {
-        evidence
-            .prompts
-            .push(evidence_text(&s.model, format!("prompt:{}", p.line), p.text.clone()));
+        evidence.prompts.push(evidence_text(
+            &s.model,
+            format!("prompt:{}", p.line),
+            p.text.clone(),
+        ));
     }
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let r: isotope_distill::HarvestRecord =
@@ -447,8 +460,10 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
         bail!("reading mode needs texts: pass --texts FILE and/or --supervised-with FILE");
     }
     let bar = ProgressBar::new(texts.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} texts read by the suspect {elapsed_precise}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} texts read by the suspect {elapsed_precise}",
+        )
+        .expect("static template"),
     );
     for t in &mut texts {
         t.predictions = Some(top1_predictions(&student, &t.tokens)?);
@@ -483,7 +498,10 @@ fn verify(a: VerifyArgs) -> Result<()> {
         }
     }
     if !v.ok {
-        bail!("the bundle does not verify ({} problem(s))", v.problems.len());
+        bail!(
+            "the bundle does not verify ({} problem(s))",
+            v.problems.len()
+        );
     }
     Ok(())
 }

@@ -43,7 +43,11 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 
 fn fixed_key(dir: &Path, b: u8) -> PathBuf {
     let path = dir.join(format!("k{b}.key"));
-    std::fs::write(&path, format!("secret = {}\n", format!("{b:02x}").repeat(32))).unwrap();
+    std::fs::write(
+        &path,
+        format!("secret = {}\n", format!("{b:02x}").repeat(32)),
+    )
+    .unwrap();
     path
 }
 
@@ -102,7 +106,10 @@ fn audit_text_contract_bundle_and_verify() {
     // Several keys: per-key results and the corrected p-value.
     let v = audit_json(&[], &[&k2, &k1], &[&marked]);
     assert_eq!(v["variants"][0]["per_key"].as_array().unwrap().len(), 2);
-    assert_eq!(v["variants"][0]["best_key_id"], v["variants"][0]["per_key"][1]["key_id"]);
+    assert_eq!(
+        v["variants"][0]["best_key_id"],
+        v["variants"][0]["per_key"][1]["key_id"]
+    );
 
     // Human text (GSM8K answers) under the same key is not flagged.
     let v = audit_json(&["--scheme", "kgw"], &[&k1], &[&human]);
@@ -112,16 +119,31 @@ fn audit_text_contract_bundle_and_verify() {
     // Bundle → verify with the key; with another key it fails and says why.
     let bundle = dir.path().join("bundle");
     let mut cmd = isotope();
-    cmd.args(["audit", "text", "--watermark-key"]).arg(&k1).arg("--bundle").arg(&bundle).arg(&marked);
+    cmd.args(["audit", "text", "--watermark-key"])
+        .arg(&k1)
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(&marked);
     let (code, stdout, stderr) = run(&mut cmd);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("WATERMARK FOUND"), "{stdout}");
     let manifest = std::fs::read_to_string(bundle.join("bundle.json")).unwrap();
-    assert!(!manifest.contains(&"01".repeat(32)), "the key itself is never written");
-    let (code, stdout, stderr) = run(isotope().args(["audit", "verify"]).arg(&bundle).arg("--watermark-key").arg(&k1));
+    assert!(
+        !manifest.contains(&"01".repeat(32)),
+        "the key itself is never written"
+    );
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k1));
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.starts_with("OK"), "{stdout}");
-    let (code, stdout, stderr) = run(isotope().args(["audit", "verify", "--json"]).arg(&bundle).arg("--watermark-key").arg(&k2));
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify", "--json"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k2));
     assert_ne!(code, 0);
     assert!(stdout.contains("not one of the bundle's keys"), "{stdout}");
     assert!(stderr.contains("does not verify"), "{stderr}");
@@ -159,16 +181,31 @@ fn audit_model_reading_mode_and_bad_input() {
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["mode"], "reading");
-    let names: Vec<&str> = v["variants"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["unsupervised", "supervised"]);
     assert!(v["scored_tokens"].as_u64().unwrap() > 20, "{v}");
     assert!(v["p_value"].as_f64().unwrap() > 1e-3, "{v}");
-    let (code, stdout, stderr) = run(isotope().args(["audit", "verify"]).arg(&bundle).arg("--watermark-key").arg(&k1));
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k1));
     assert_eq!(code, 0, "{stdout}{stderr}");
 
     // Bad input: a suspect that does not exist, an unreachable API, no prompts.
     let (code, _, stderr) = run(isotope()
-        .args(["audit", "model", "--suspect", "/nonexistent/student", "--texts"])
+        .args([
+            "audit",
+            "model",
+            "--suspect",
+            "/nonexistent/student",
+            "--texts",
+        ])
         .arg(&ours)
         .arg("--watermark-key")
         .arg(&k1));
@@ -180,7 +217,10 @@ fn audit_model_reading_mode_and_bad_input() {
         .arg(&k1));
     assert_ne!(code, 0);
     assert!(stderr.contains("--prompts"), "{stderr}");
-    let (code, _, stderr) = run(isotope().args(["audit", "text", "--watermark-key"]).arg(&k1).arg(dir.path().join("missing.txt")));
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "text", "--watermark-key"])
+        .arg(&k1)
+        .arg(dir.path().join("missing.txt")));
     assert_ne!(code, 0);
     assert!(stderr.contains("missing.txt"), "{stderr}");
 }
@@ -203,7 +243,17 @@ fn serve(data: &Path) -> Server {
         .unwrap()
         .env_remove("ISOTOPE_WATERMARK_KEY")
         .env_remove("ISOTOPE_DATABASE_URL")
-        .args(["serve", "--model", &model(), "--addr", "127.0.0.1:0", "--slots", "4", "--ctx", "1024"])
+        .args([
+            "serve",
+            "--model",
+            &model(),
+            "--addr",
+            "127.0.0.1:0",
+            "--slots",
+            "4",
+            "--ctx",
+            "1024",
+        ])
         .arg("--data-dir")
         .arg(data)
         .stderr(Stdio::piped())
@@ -223,7 +273,9 @@ fn serve(data: &Path) -> Server {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(120)).expect("server ready");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("server ready");
     Server { child, addr }
 }
 
@@ -245,7 +297,15 @@ fn black_box_audit_of_a_live_server() {
     let other = fixed_key(dir.path(), 7);
     let bundle = dir.path().join("bundle");
     let (code, stdout, stderr) = run(isotope()
-        .args(["audit", "model", "--json", "--suspect", &url, "--api-key", &api_key])
+        .args([
+            "audit",
+            "model",
+            "--json",
+            "--suspect",
+            &url,
+            "--api-key",
+            &api_key,
+        ])
         .arg("--prompts")
         .arg(&prompts)
         .args(["--budget-tokens", "480", "--max-tokens", "80"])
@@ -274,7 +334,14 @@ fn black_box_audit_of_a_live_server() {
     assert_eq!(code, 0, "{stdout}{stderr}");
 
     let (code, _, stderr) = run(isotope()
-        .args(["audit", "model", "--suspect", &url, "--api-key", "isk_wrong_key"])
+        .args([
+            "audit",
+            "model",
+            "--suspect",
+            &url,
+            "--api-key",
+            "isk_wrong_key",
+        ])
         .arg("--prompts")
         .arg(&prompts)
         .args(["--budget-tokens", "100"])

@@ -161,6 +161,9 @@ impl Scoring {
     }
 }
 
+/// Fills one key's tally, emitting scored tuples.
+type TallyFn<'a> = dyn FnMut(&Detector, &mut Tally, &mut dyn FnMut(ScoredTuple)) + 'a;
+
 /// Compute the audit result of `evidence` under `keys`, calling `on_tuple` for every
 /// scored tuple. Reading mode needs predictions on every text.
 pub fn score(
@@ -175,12 +178,7 @@ pub fn score(
     }
     let h = scoring.scheme.context();
     let mut variants = Vec::new();
-    let mut run = |name: &str,
-                   per_key_tally: &mut dyn FnMut(
-        &Detector,
-        &mut Tally,
-        &mut dyn FnMut(ScoredTuple),
-    )| {
+    let mut run = |name: &str, per_key_tally: &mut TallyFn| {
         let per_key: Vec<Detection> = keys
             .iter()
             .map(|k| {

@@ -26,7 +26,9 @@ fn isotope() -> Command {
     let mut c = Command::cargo_bin("isotope").unwrap();
     c.env_remove("ISOTOPE_MODEL")
         .env_remove("ISOTOPE_WATERMARK_KEY")
-        .env("ISOTOPE_MODEL", model());
+        .env("ISOTOPE_MODEL", model())
+        // One llama.cpp thread: two OpenMP threads on a loaded 2-core box spin.
+        .env("ISOTOPE_THREADS", "1");
     c
 }
 

@@ -313,13 +313,14 @@ fn reading(
     score(Mode::Reading, &evidence, keys, &scoring(SCHEME), |_| {}).unwrap()
 }
 
-/// Radioactivity at a test-sized budget. Measured on a loaded 2-core box (40 prompts ×
-/// ≤128 tokens per arm, ~4k answer tokens each, mini student from scratch):
+/// Radioactivity at a test-sized budget. Measured on a loaded 2-core box (prompts ×
+/// ≤128 tokens per arm, mini student from scratch, supervised reading mode):
 ///
-/// | epochs | training tokens | final loss | watermarked student p | control p |
-/// |---|---|---|---|---|
-/// | 1 | 7,150 | 10.26 | 0.75 | 0.77 |
-/// | 4 | 28,600 | 6.63 | 0.55 | 0.88 |
+/// | prompts | epochs | training tokens | final loss | watermarked student p | control p |
+/// |---|---|---|---|---|---|
+/// | 40 | 1 | 7,150 | 10.26 | 0.75 | 0.77 |
+/// | 40 | 4 | 28,600 | 6.63 | 0.55 | 0.88 |
+/// | 32 | 4 | 23,076 | 6.75 | 0.25 | 0.62 |
 ///
 /// At this budget the student has not yet learnt the bigram-level green bias, so the
 /// *power* side is not asserted here (it is shown on the synthetic model in

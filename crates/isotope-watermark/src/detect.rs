@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::common::{tuple_id, CommonTuples, TupleShape};
 use crate::hook::ExcludedTokens;
@@ -30,7 +30,7 @@ use crate::scheme::{gumbel_uniform, self_hash_green, Scheme, Seeding, WindowPrf}
 use crate::stats::{ln_binomial_sf, ln_bonferroni, ln_gamma_sf, ln_to_log10};
 
 /// The result of one test.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
     /// Scheme spec (parses back with `Scheme::from_str`).
     pub scheme: String,
@@ -55,6 +55,9 @@ pub struct Detection {
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
     seen: HashSet<(u128, u32)>,
+    /// Window seeds that may not be scored any more: the prompts' windows
+    /// ([`Tally::exclude_windows`]) and, in reading mode, every window already read.
+    windows: HashSet<u128>,
     n: u64,
     common: u64,
     sum: f64,
@@ -69,12 +72,63 @@ impl Tally {
     /// Pre-seed the deduplication set with the tuples of `tokens` (e.g. the prompts a
     /// suspect was given) without scoring them.
     pub fn exclude(&mut self, detector: &Detector, tokens: &[u32]) {
-        detector.visit(tokens, &mut self.seen, |_, _| {});
+        detector.visit(tokens, &mut self.seen, &HashSet::new(), |_, _| {});
+    }
+
+    /// Pre-seed the deduplication set with the *windows* of `tokens` (the prompts a
+    /// suspect was given): no tuple whose window seed occurs in them is scored
+    /// afterwards, whatever its token.
+    ///
+    /// This, not [`Tally::exclude`], is what a black-box audit needs. A watermarked
+    /// prompt's token after window `w` was chosen from `w`'s green list, so the rest of
+    /// that list is no longer independent of the prompt: a clean model that continues
+    /// the prompt's phrases (or avoids them) is scored on green lists the prompt has
+    /// already revealed something about, and its p-value is no longer exact. Leaving
+    /// out every window the prompts touched leaves only seeds whose keyed values the
+    /// suspect's input never depended on.
+    pub fn exclude_windows(&mut self, detector: &Detector, tokens: &[u32]) {
+        let h = detector.scheme.context();
+        for pos in h..=tokens.len() {
+            let prf = WindowPrf::new(&detector.scheme, &detector.key, &tokens[pos - h..pos]);
+            self.windows.insert(prf.id());
+        }
     }
 
     /// Distinct tuples left out so far because they are common in human text.
     pub fn common_excluded(&self) -> u64 {
         self.common
+    }
+}
+
+/// What happened to one (window, candidate) pair given to [`Detector::tally_pair`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PairOutcome {
+    /// Scored: the tuple's value (green 0/1, Gumbel score, SynthID bit count).
+    Scored(f64),
+    /// The window's seed was already used: not scored.
+    RepeatedWindow,
+    /// The candidate is a control token: not scored.
+    Control,
+    /// The tuple is on the common-tuples list: not scored.
+    Common,
+    /// The caller's filter left the window out (e.g. not in our outputs).
+    Filtered,
+}
+
+/// The window seeds of a corpus — e.g. of our own outputs, for the *supervised*
+/// reading mode, which keeps only windows the suspect could have been trained on.
+#[derive(Clone, Debug, Default)]
+pub struct WindowSet(HashSet<u128>);
+
+impl WindowSet {
+    /// Number of distinct window seeds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when no window was added.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -136,6 +190,7 @@ impl Detector {
         &self,
         tokens: &[u32],
         seen: &mut HashSet<(u128, u32)>,
+        windows: &HashSet<u128>,
         mut f: impl FnMut(usize, f64),
     ) -> u64 {
         let h = self.scheme.context();
@@ -159,6 +214,9 @@ impl Detector {
                     &mut local
                 }
             };
+            if windows.contains(&prf.id()) {
+                continue;
+            }
             let first = seen.insert((prf.id(), token));
             if let Some(common) = common {
                 let id = match shape {
@@ -174,37 +232,172 @@ impl Detector {
             if !first && self.dedup {
                 continue;
             }
-            let value = match self.scheme {
-                Scheme::Kgw {
-                    gamma,
-                    seeding: Seeding::SelfHash,
-                    ..
-                } => f64::from(u8::from(self_hash_green(&self.key, window, token, gamma))),
-                Scheme::Kgw { gamma, .. } | Scheme::Unigram { gamma, .. } => {
-                    let (threshold, _) = green_threshold(gamma);
-                    f64::from(u8::from(is_green(prf.word(token), threshold)))
-                }
-                Scheme::Gumbel { .. } => -(1.0 - gumbel_uniform(prf.word(token))).ln(),
-                Scheme::SynthId { layers, .. } => {
-                    let mask = if layers == 32 {
-                        u32::MAX
-                    } else {
-                        (1u32 << layers) - 1
-                    };
-                    f64::from((prf.word(token) & mask).count_ones())
-                }
-            };
+            let value = self.value(prf, window, token);
             f(pos, value);
         }
         left_out
     }
 
+    /// The keyed value of (window, token): green 0/1, Gumbel score or SynthID bits.
+    fn value(&self, prf: &mut WindowPrf, window: &[u32], token: u32) -> f64 {
+        match self.scheme {
+            Scheme::Kgw {
+                gamma,
+                seeding: Seeding::SelfHash,
+                ..
+            } => f64::from(u8::from(self_hash_green(&self.key, window, token, gamma))),
+            Scheme::Kgw { gamma, .. } | Scheme::Unigram { gamma, .. } => {
+                let (threshold, _) = green_threshold(gamma);
+                f64::from(u8::from(is_green(prf.word(token), threshold)))
+            }
+            Scheme::Gumbel { .. } => -(1.0 - gumbel_uniform(prf.word(token))).ln(),
+            Scheme::SynthId { layers, .. } => {
+                let mask = if layers == 32 {
+                    u32::MAX
+                } else {
+                    (1u32 << layers) - 1
+                };
+                f64::from((prf.word(token) & mask).count_ones())
+            }
+        }
+    }
+
+    /// Whether (window, token) is on the common-tuples list.
+    fn is_common(&self, prf: &WindowPrf, window: &[u32], token: u32) -> bool {
+        let Some(common) = self.active_common() else {
+            return false;
+        };
+        let shape = TupleShape::of(&self.scheme);
+        let id = match shape {
+            TupleShape::Window(_) => tuple_id(shape, window, token),
+            TupleShape::MinPair(_) => tuple_id(shape, &[prf.anchor], token),
+            TupleShape::Token => tuple_id(shape, &[], token),
+        };
+        common.contains(id)
+    }
+
+    /// The window seeds of `texts` (every window of `h` tokens in each).
+    pub fn window_set<'a>(&self, texts: impl IntoIterator<Item = &'a [u32]>) -> WindowSet {
+        let h = self.scheme.context();
+        let mut set = HashSet::new();
+        for tokens in texts {
+            for pos in h..=tokens.len() {
+                set.insert(WindowPrf::new(&self.scheme, &self.key, &tokens[pos - h..pos]).id());
+            }
+        }
+        WindowSet(set)
+    }
+
+    /// Score one explicit (window, candidate) pair into `tally`, at most one pair per
+    /// distinct window seed — the building block of the white-box *reading mode* and of
+    /// re-checking an evidence bundle. `window` must be exactly `h` tokens.
+    ///
+    /// The window's seed is marked used whatever the outcome (also when `keep` is
+    /// false, the candidate is a control token or the tuple is common), because the
+    /// exactness argument of [`Detector::tally_reading`] needs every window the suspect
+    /// has read to be spent.
+    pub fn tally_pair(
+        &self,
+        tally: &mut Tally,
+        window: &[u32],
+        candidate: u32,
+        keep: bool,
+    ) -> PairOutcome {
+        debug_assert_eq!(window.len(), self.scheme.context());
+        let mut prf = WindowPrf::new(&self.scheme, &self.key, window);
+        if !tally.windows.insert(prf.id()) {
+            return PairOutcome::RepeatedWindow;
+        }
+        if !keep {
+            return PairOutcome::Filtered;
+        }
+        if self
+            .excluded
+            .get(candidate as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return PairOutcome::Control;
+        }
+        if self.is_common(&prf, window, candidate) {
+            tally.common += 1;
+            return PairOutcome::Common;
+        }
+        let v = self.value(&mut prf, window, candidate);
+        tally.n += 1;
+        tally.sum += v;
+        PairOutcome::Scored(v)
+    }
+
+    /// Reading mode (Sander et al. 2024, white-box): a suspect model read `tokens`
+    /// teacher-forced, and `predictions[i]` is its top-1 next token after
+    /// `tokens[..=i]` (so `predictions.len() == tokens.len()`). Each position `p ≥ h`
+    /// scores the pair (window `tokens[p-h..p]`, `predictions[p-1]`), once per distinct
+    /// window seed over everything tallied so far; with `only`, windows outside that
+    /// set are read (and spent) but not scored — the *supervised* variant. Calls
+    /// `on_pair(p, window, candidate, outcome)` for each position, so the scored
+    /// tuples can be written to an evidence bundle.
+    ///
+    /// **Why the p-value is exact.** Null hypothesis: the suspect's weights do not
+    /// depend on the key. The fed text may be watermarked — its tokens were chosen
+    /// with the keyed lists of its earlier windows — but the suspect's prediction at
+    /// `p` is a function of `tokens[..p]` only, and those tokens were chosen using the
+    /// keyed values of *earlier* window seeds. A seed is scored only the first time it
+    /// appears in the whole run, and every window read (scored or not) spends its
+    /// seed, so no token the suspect has read was ever chosen with the scored seed's
+    /// keyed values (the token after the window is exactly the one the suspect is not
+    /// shown). Hence, conditionally on everything scored before, the scored value is a
+    /// fresh keyed value of a fixed (seed, candidate) pair: green with probability
+    /// exactly γ′ (Exp(1) for Gumbel, Binomial(m, ½) bits for SynthID), independently
+    /// across seeds — the same tails as [`Detector::finish`]. Scoring (window, token)
+    /// tuples instead of one per window would not be exact: two candidates after the
+    /// same window would share the reading of the fed text's next token. And there is
+    /// no exact null for the suspect's *probability mass* on green tokens, which is
+    /// why only the top-1 prediction is scored. The supervised filter depends on the
+    /// window only, never on the candidate, so it selects seeds without looking at
+    /// their values. Unigram has one seed for every window, so a reading tally scores
+    /// at most one tuple under it.
+    pub fn tally_reading(
+        &self,
+        tally: &mut Tally,
+        tokens: &[u32],
+        predictions: &[u32],
+        only: Option<&WindowSet>,
+        mut on_pair: impl FnMut(usize, &[u32], u32, PairOutcome),
+    ) {
+        let h = self.scheme.context();
+        let end = tokens.len().min(predictions.len());
+        for pos in h.max(1)..=end {
+            let window = &tokens[pos - h..pos];
+            let candidate = predictions[pos - 1];
+            let keep = only.is_none_or(|set| {
+                set.0
+                    .contains(&WindowPrf::new(&self.scheme, &self.key, window).id())
+            });
+            let outcome = self.tally_pair(tally, window, candidate, keep);
+            on_pair(pos, window, candidate, outcome);
+        }
+    }
+
     /// Score the generated tokens of one text into `tally`.
     pub fn tally(&self, tally: &mut Tally, tokens: &[u32]) {
+        self.tally_with(tally, tokens, |_, _| {});
+    }
+
+    /// [`Detector::tally`], calling `on_scored(position, value)` for every tuple
+    /// scored (the tuple is `(tokens[position-h..position], tokens[position])`) — for
+    /// evidence bundles that list the scored tuples.
+    pub fn tally_with(
+        &self,
+        tally: &mut Tally,
+        tokens: &[u32],
+        mut on_scored: impl FnMut(usize, f64),
+    ) {
         let (mut n, mut sum) = (0u64, 0.0f64);
-        tally.common += self.visit(tokens, &mut tally.seen, |_, v| {
+        tally.common += self.visit(tokens, &mut tally.seen, &tally.windows, |p, v| {
             n += 1;
             sum += v;
+            on_scored(p, v);
         });
         tally.n += n;
         tally.sum += sum;
@@ -283,7 +476,7 @@ impl Detector {
         let mut seen = HashSet::new();
         let mut pos = Vec::new();
         let mut prefix = vec![0.0f64];
-        let common = self.visit(tokens, &mut seen, |p, v| {
+        let common = self.visit(tokens, &mut seen, &HashSet::new(), |p, v| {
             pos.push(p);
             prefix.push(prefix.last().copied().unwrap_or(0.0) + v);
         });
@@ -370,15 +563,24 @@ pub fn detect_multi_key(
             d.detect(tokens)
         })
         .collect();
-    let best = per_key
-        .iter()
-        .min_by(|a, b| a.log10_p_value.total_cmp(&b.log10_p_value));
-    let ln_best = best.map_or(0.0, |d| d.log10_p_value * std::f64::consts::LN_10);
-    let corrected = ln_bonferroni(ln_best, keys.len().max(1) as u64);
-    MultiKeyDetection {
-        p_value: corrected.exp(),
-        log10_p_value: ln_to_log10(corrected),
-        best_key_id: best.map(|d| d.key_id.clone()).unwrap_or_default(),
-        per_key,
+    MultiKeyDetection::from_per_key(per_key)
+}
+
+impl MultiKeyDetection {
+    /// Combine the results of several keys on the same data (per text, per corpus or
+    /// per reading-mode run): the smallest p-value, Bonferroni-corrected by the number
+    /// of keys.
+    pub fn from_per_key(per_key: Vec<Detection>) -> Self {
+        let best = per_key
+            .iter()
+            .min_by(|a, b| a.log10_p_value.total_cmp(&b.log10_p_value));
+        let ln_best = best.map_or(0.0, |d| d.log10_p_value * std::f64::consts::LN_10);
+        let corrected = ln_bonferroni(ln_best, per_key.len().max(1) as u64);
+        MultiKeyDetection {
+            p_value: corrected.exp(),
+            log10_p_value: ln_to_log10(corrected),
+            best_key_id: best.map(|d| d.key_id.clone()).unwrap_or_default(),
+            per_key,
+        }
     }
 }

@@ -21,7 +21,8 @@ pub mod stats;
 
 pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
-    detect_multi_key, Detection, Detector, MultiKeyDetection, Tally, WindowedDetection,
+    detect_multi_key, Detection, Detector, MultiKeyDetection, PairOutcome, Tally, WindowSet,
+    WindowedDetection,
 };
 pub use hook::{ExcludedTokens, WatermarkHook};
 pub use key::{KeyError, WatermarkKey};

@@ -1,6 +1,7 @@
 //! `isotope` — the command-line front end. Wiring only: parsing, output formats and
 //! progress; the work happens in the library crates.
 
+mod audit;
 mod distill;
 mod eval;
 mod generate;
@@ -47,6 +48,8 @@ enum Command {
     Distill(distill::DistillArgs),
     /// Load-test the HTTP server at several concurrencies, watermark on vs off.
     Loadtest(loadtest::LoadtestArgs),
+    /// Radioactivity audits: a corpus (`text`), a suspect model (`model`), a bundle (`verify`).
+    Audit(audit::AuditArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => serve::keys(args),
         Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Distill(args) => distill::distill(args),
+        Command::Audit(args) => audit::audit(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,507 @@
+//! `isotope audit text|model|verify`: turn a suspect corpus or model into a p-value,
+//! and re-check an evidence bundle. The logic is in `isotope-audit`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use isotope_audit::bundle::{self, KeyCommitment, Manifest};
+use isotope_audit::corpus::read_corpus;
+use isotope_audit::{
+    score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, ScoredTuple, Scoring,
+};
+use isotope_distill::{Device, HarvestConfig, Student};
+use isotope_engine::{LoadOptions, Model};
+use isotope_watermark::{CommonTuples, WatermarkKey};
+use serde_json::json;
+
+use crate::watermark::{common_list, excluded, load_key, parse_scheme};
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// One watermark test over a whole corpus (text files or JSONL), deduplicated
+    /// across all its texts.
+    Text(TextArgs),
+    /// Was a suspect model trained on our outputs? Black-box through its API (an
+    /// http(s) URL), or white-box reading mode (a GGUF file or a student directory).
+    Model(ModelAuditArgs),
+    /// Re-check an evidence bundle with the revealed key(s).
+    Verify(VerifyArgs),
+}
+
+/// Options shared by every audit.
+#[derive(Args, Debug)]
+struct KeyArgs {
+    /// Watermark key file (repeat to test several keys; p-values are then corrected
+    /// for testing them all).
+    #[arg(long = "watermark-key", env = "ISOTOPE_WATERMARK_KEY", required = true)]
+    keys: Vec<PathBuf>,
+    /// Scheme the outputs were watermarked with (as for `isotope detect`).
+    #[arg(long, default_value = "kgw")]
+    scheme: String,
+    /// Common-tuples list (default: the one built into isotope for SmolLM2).
+    #[arg(long)]
+    common_tuples: Option<PathBuf>,
+    /// Score every tuple, even those common in human text.
+    #[arg(long)]
+    no_common_filter: bool,
+    /// The watermarking model (its tokenizer defines the tuples).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct TextArgs {
+    #[command(flatten)]
+    common: KeyArgs,
+    /// Write an evidence bundle (texts, scored tuples, key commitments) into DIR.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Text files (each one text) or JSONL (`text`, `completion`, `response`, …,
+    /// OpenAI responses; harvest output as is).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ModelAuditArgs {
+    #[command(flatten)]
+    common: KeyArgs,
+    /// The suspect: an http(s) URL of an OpenAI-compatible API (black-box), a GGUF
+    /// file or a student directory (white-box reading mode).
+    #[arg(long)]
+    suspect: String,
+    /// API key for a black-box suspect.
+    #[arg(long, env = "ISOTOPE_SUSPECT_API_KEY")]
+    api_key: Option<String>,
+    /// Model name to ask a black-box suspect for (default: the first it lists).
+    #[arg(long)]
+    suspect_model: Option<String>,
+    /// Prompts for a black-box audit (JSONL: `prompt`, `instruction`, `question`):
+    /// use prompts the suspect was not trained on.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Stop asking a black-box suspect after about this many completion tokens.
+    #[arg(long, default_value_t = 20_000)]
+    budget_tokens: u64,
+    /// Tokens per black-box completion.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Black-box requests in flight.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Reading mode: texts to feed the suspect (default: the --supervised-with texts).
+    #[arg(long)]
+    texts: Vec<PathBuf>,
+    /// Reading mode: our own outputs (e.g. the harvest the suspect may have trained
+    /// on); adds the *supervised* variant, which scores only their windows.
+    #[arg(long)]
+    supervised_with: Vec<PathBuf>,
+    /// Write an evidence bundle into DIR (black-box: the suspect's outputs are
+    /// written there as they arrive, so an interrupted audit resumes).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The bundle directory.
+    dir: PathBuf,
+    #[command(flatten)]
+    common: KeyArgs,
+}
+
+pub fn audit(a: AuditArgs) -> Result<()> {
+    match a.command {
+        AuditCommand::Text(a) => text(a),
+        AuditCommand::Model(a) => model(a),
+        AuditCommand::Verify(a) => verify(a),
+    }
+}
+
+/// Keys, tokenizer model, scoring setup.
+struct Setup {
+    keys: Vec<Arc<WatermarkKey>>,
+    model: Model,
+    scoring: Scoring,
+}
+
+fn setup(k: &KeyArgs) -> Result<Setup> {
+    let scheme = parse_scheme(&k.scheme)?;
+    let keys = k
+        .keys
+        .iter()
+        .map(|p| load_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    crate::generate::check_model_present(&k.model)?;
+    let model = Model::load(
+        &k.model.model,
+        &LoadOptions {
+            vocab_only: true,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading the tokenizer of {}", k.model.model.display()))?;
+    let common = common_list(&model, k.common_tuples.as_deref(), k.no_common_filter)?;
+    let scoring = Scoring {
+        scheme,
+        excluded: excluded(&model),
+        common,
+    };
+    Ok(Setup {
+        keys,
+        model,
+        scoring,
+    })
+}
+
+fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
+    EvidenceText {
+        tokens: model.tokenize(&text, false, false),
+        source,
+        text,
+        predictions: None,
+    }
+}
+
+/// Texts of several corpus files, skipped lines reported on stderr.
+fn read_texts(model: &Model, files: &[PathBuf]) -> Result<Vec<EvidenceText>> {
+    let mut out = Vec::new();
+    for f in files {
+        let (texts, skipped) = read_corpus(f)?;
+        for s in skipped.iter().take(20) {
+            eprintln!("{}: skipped: {}", s.source, s.message);
+        }
+        if skipped.len() > 20 {
+            eprintln!("{}: {} more lines skipped", f.display(), skipped.len() - 20);
+        }
+        out.extend(
+            texts
+                .into_iter()
+                .map(|t| evidence_text(model, t.source, t.text)),
+        );
+    }
+    Ok(out)
+}
+
+fn common_meta(common: &Option<Arc<CommonTuples>>) -> Option<serde_json::Value> {
+    common.as_ref().map(|c| {
+        json!({
+            "tuples": c.len(),
+            "tokenizer": c.meta().tokenizer,
+            "source": c.meta().source,
+        })
+    })
+}
+
+fn run_and_report(
+    s: &Setup,
+    mode: Mode,
+    evidence: &Evidence,
+    bundle_dir: Option<&Path>,
+    parameters: serde_json::Value,
+    json_out: bool,
+) -> Result<()> {
+    if evidence.texts.is_empty() {
+        bail!("no texts to score: check the files (see the skipped lines above)");
+    }
+    let mut tuples: Vec<ScoredTuple> = Vec::new();
+    let keep = bundle_dir.is_some();
+    let result = score(mode, evidence, &s.keys, &s.scoring, |t| {
+        if keep {
+            tuples.push(t)
+        }
+    })?;
+    if let Some(dir) = bundle_dir {
+        let manifest = Manifest {
+            format: bundle::FORMAT.into(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            mode,
+            scheme: s.scoring.scheme.to_string(),
+            keys: s
+                .keys
+                .iter()
+                .map(|k| KeyCommitment {
+                    key_id: k.id().to_owned(),
+                    commitment: k.commitment(),
+                })
+                .collect(),
+            common_filter: common_meta(&s.scoring.common),
+            parameters,
+            result: result.clone(),
+        };
+        bundle::write(dir, &manifest, evidence, &tuples)
+            .with_context(|| format!("writing the evidence bundle {}", dir.display()))?;
+        eprintln!("evidence bundle written to {}", dir.display());
+    }
+    print_result(&result, s.scoring.common.is_some(), json_out)
+}
+
+fn print_result(r: &AuditResult, common_filter: bool, json_out: bool) -> Result<()> {
+    if json_out {
+        let mut v = serde_json::to_value(r)?;
+        v["common_filter"] = json!(common_filter);
+        println!("{v}");
+        return Ok(());
+    }
+    let verdict = if r.p_value < 1e-3 {
+        "WATERMARK FOUND"
+    } else {
+        "no evidence"
+    };
+    println!(
+        "{verdict}: p = {:.3e} (log10 {:.1}), {} mode, {} scored tuples over {} texts ({} tokens), scheme {}",
+        r.p_value,
+        r.log10_p_value,
+        serde_json::to_value(r.mode)?.as_str().unwrap_or(""),
+        r.scored_tokens,
+        r.texts,
+        r.tokens,
+        r.scheme
+    );
+    for v in &r.variants {
+        println!(
+            "  {:<13} p = {:.3e} (corrected over {} key(s)), best key {}",
+            v.name,
+            v.p_value,
+            v.per_key.len(),
+            v.best_key_id
+        );
+        if v.per_key.len() > 1 {
+            for d in &v.per_key {
+                println!(
+                    "    {} p = {:.3e} over {} tuples, statistic {:.4}",
+                    d.key_id, d.p_value, d.scored_tokens, d.statistic
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn text(a: TextArgs) -> Result<()> {
+    let s = setup(&a.common)?;
+    let texts = read_texts(&s.model, &a.files)?;
+    let evidence = Evidence {
+        texts,
+        ..Evidence::default()
+    };
+    let parameters = json!({ "files": a.files });
+    run_and_report(
+        &s,
+        Mode::Text,
+        &evidence,
+        a.bundle.as_deref(),
+        parameters,
+        a.common.json,
+    )
+}
+
+fn model(a: ModelAuditArgs) -> Result<()> {
+    let s = setup(&a.common)?;
+    let is_url = a.suspect.starts_with("http://") || a.suspect.starts_with("https://");
+    let parameters = json!({
+        "suspect": a.suspect,
+        "prompts": a.prompts,
+        "budget_tokens": a.budget_tokens,
+        "max_tokens": a.max_tokens,
+        "texts": a.texts,
+        "supervised_with": a.supervised_with,
+    });
+    let (mode, evidence) = if is_url {
+        (Mode::BlackBox, black_box(&s, &a)?)
+    } else {
+        (Mode::Reading, reading(&s, &a)?)
+    };
+    run_and_report(
+        &s,
+        mode,
+        &evidence,
+        a.bundle.as_deref(),
+        parameters,
+        a.common.json,
+    )
+}
+
+fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
+    let Some(prompts_file) = &a.prompts else {
+        bail!("a black-box audit needs --prompts FILE (prompts the suspect was not trained on)");
+    };
+    let (mut prompts, warnings) = isotope_distill::read_prompts(prompts_file)?;
+    for w in warnings.iter().take(20) {
+        eprintln!(
+            "{}:{}: skipped: {}",
+            prompts_file.display(),
+            w.line,
+            w.message
+        );
+    }
+    let wanted = a.budget_tokens.div_ceil(u64::from(a.max_tokens.max(1))) as usize;
+    prompts.truncate(wanted.max(1));
+    if prompts.is_empty() {
+        bail!("no usable prompts in {}", prompts_file.display());
+    }
+    // The outputs file: in the bundle (kept, so a rerun resumes), else temporary.
+    let tmp;
+    let out = match &a.bundle {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.join("harvest.jsonl")
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().join("harvest.jsonl")
+        }
+    };
+    let cfg = HarvestConfig {
+        endpoint: a.suspect.clone(),
+        api_key: a.api_key.clone(),
+        model: a.suspect_model.clone(),
+        concurrency: a.concurrency.max(1),
+        max_tokens: a.max_tokens,
+        seed: Some(0),
+        timeout: Duration::from_secs(300),
+        ..HarvestConfig::default()
+    };
+    let bar = ProgressBar::new(prompts.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} suspect answers {elapsed_precise} {msg}",
+        )
+        .expect("static template"),
+    );
+    let mut progress = |p: &isotope_distill::HarvestProgress| {
+        bar.set_position((p.existing + p.written + p.failed) as u64);
+        bar.set_message(format!("{} tokens", p.completion_tokens));
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = rt
+        .block_on(isotope_distill::harvest(
+            &cfg,
+            &prompts,
+            &out,
+            &mut progress,
+        ))
+        .with_context(|| format!("querying the suspect at {}", a.suspect))?;
+    bar.finish_and_clear();
+    if report.missing > 0 {
+        eprintln!(
+            "{} of {} answers missing ({}); scoring what arrived{}",
+            report.missing,
+            report.total,
+            report.last_error.as_deref().unwrap_or("see the log"),
+            if a.bundle.is_some() {
+                " — rerun the same command to fill them in"
+            } else {
+                ""
+            }
+        );
+    }
+    let text = std::fs::read_to_string(&out)?;
+    let mut evidence = Evidence::default();
+    for p in &prompts {
+        evidence.prompts.push(evidence_text(
+            &s.model,
+            format!("prompt:{}", p.line),
+            p.text.clone(),
+        ));
+    }
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let r: isotope_distill::HarvestRecord =
+            serde_json::from_str(line).context("reading the suspect's answers")?;
+        evidence
+            .texts
+            .push(evidence_text(&s.model, r.id.clone(), r.response));
+    }
+    Ok(evidence)
+}
+
+fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
+    let path = Path::new(&a.suspect);
+    let student = if path.is_dir() {
+        Student::load(path, &Device::Cpu)
+    } else if path.is_file() {
+        Student::from_gguf(path, &Device::Cpu)
+    } else {
+        bail!(
+            "suspect {} is neither an http(s) URL nor an existing GGUF file or student directory",
+            a.suspect
+        );
+    }
+    .with_context(|| format!("loading the suspect {}", a.suspect))?;
+    let vocab = student.config().vocab_size;
+    if vocab != s.model.n_vocab() {
+        bail!(
+            "the suspect's vocabulary has {vocab} entries but {}'s tokenizer has {}: reading \
+             mode needs a suspect with the watermarking model's tokenizer",
+            s.model.path().display(),
+            s.model.n_vocab()
+        );
+    }
+    let supervised = read_texts(&s.model, &a.supervised_with)?;
+    let mut texts = if a.texts.is_empty() {
+        supervised.clone()
+    } else {
+        read_texts(&s.model, &a.texts)?
+    };
+    if texts.is_empty() {
+        bail!("reading mode needs texts: pass --texts FILE and/or --supervised-with FILE");
+    }
+    let bar = ProgressBar::new(texts.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} texts read by the suspect {elapsed_precise}",
+        )
+        .expect("static template"),
+    );
+    for t in &mut texts {
+        t.predictions = Some(top1_predictions(&student, &t.tokens)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(Evidence {
+        prompts: Vec::new(),
+        texts,
+        supervised,
+    })
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let s = setup(&a.common)?;
+    let b = bundle::read(&a.dir)
+        .with_context(|| format!("reading the evidence bundle {}", a.dir.display()))?;
+    let v = bundle::verify(&b, &s.keys, &s.scoring)?;
+    if a.common.json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else if v.ok {
+        println!(
+            "OK: key(s) {} match the commitment; recomputed p = {:.3e} over {} tuples, as recorded",
+            v.keys_checked.join(", "),
+            v.recomputed.p_value,
+            v.recomputed.scored_tokens
+        );
+    } else {
+        println!("MISMATCH:");
+        for p in &v.problems {
+            println!("  {p}");
+        }
+    }
+    if !v.ok {
+        bail!(
+            "the bundle does not verify ({} problem(s))",
+            v.problems.len()
+        );
+    }
+    Ok(())
+}

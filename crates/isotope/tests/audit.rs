@@ -1,0 +1,355 @@
+//! `isotope audit text|model|verify` on the real model: the JSON contract, corpus
+//! formats, an evidence bundle that verifies (and one that does not), reading mode on
+//! a student directory, and clear errors on bad input.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::time::Duration;
+
+use assert_cmd::cargo::CommandCargoExt;
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> String {
+    workspace()
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .display()
+        .to_string()
+}
+
+fn isotope() -> Command {
+    let mut c = Command::cargo_bin("isotope").unwrap();
+    c.env_remove("ISOTOPE_MODEL")
+        .env_remove("ISOTOPE_WATERMARK_KEY")
+        .env("ISOTOPE_MODEL", model())
+        // One llama.cpp thread: two OpenMP threads on a loaded 2-core box spin.
+        .env("ISOTOPE_THREADS", "1");
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+fn fixed_key(dir: &Path, b: u8) -> PathBuf {
+    let path = dir.join(format!("k{b}.key"));
+    std::fs::write(
+        &path,
+        format!("secret = {}\n", format!("{b:02x}").repeat(32)),
+    )
+    .unwrap();
+    path
+}
+
+/// Watermarked answers from `isotope generate`, as harvest-style JSONL lines.
+fn watermarked_jsonl(key: &Path, n: usize) -> String {
+    let prompts = [
+        "Write a short story about a lighthouse keeper and a storm.",
+        "Explain how bread rises, for a child.",
+        "Describe a walk through a market in the morning.",
+    ];
+    (0..n)
+        .map(|i| {
+            let (code, stdout, stderr) = run(isotope()
+                .args(["generate", "--prompt", prompts[i % prompts.len()]])
+                .args(["--max-tokens", "120", "--temperature", "1", "--json"])
+                .args(["--seed", &i.to_string()])
+                .arg("--watermark-key")
+                .arg(key));
+            assert_eq!(code, 0, "{stderr}");
+            let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+            serde_json::json!({"id": format!("{i}-0"), "prompt": prompts[i % prompts.len()], "response": v["text"]})
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn audit_json(args: &[&str], keys: &[&Path], files: &[&Path]) -> Value {
+    let mut cmd = isotope();
+    cmd.args(["audit", "text", "--json"]).args(args);
+    for k in keys {
+        cmd.arg("--watermark-key").arg(k);
+    }
+    cmd.args(files);
+    let (code, stdout, stderr) = run(&mut cmd);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn audit_text_contract_bundle_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = fixed_key(dir.path(), 1);
+    let k2 = fixed_key(dir.path(), 2);
+    let marked = dir.path().join("harvest.jsonl");
+    std::fs::write(&marked, watermarked_jsonl(&k1, 3)).unwrap();
+    let human = workspace().join("data/gsm8k/test.jsonl");
+
+    // The contract: one object with p_value, scored_tokens, mode.
+    let v = audit_json(&[], &[&k1], &[&marked]);
+    assert_eq!(v["mode"], "text");
+    assert!(v["scored_tokens"].as_u64().unwrap() > 100, "{v}");
+    assert!(v["p_value"].as_f64().unwrap() < 1e-6, "{v}");
+    assert_eq!(v["texts"], 3);
+
+    // Several keys: per-key results and the corrected p-value.
+    let v = audit_json(&[], &[&k2, &k1], &[&marked]);
+    assert_eq!(v["variants"][0]["per_key"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["variants"][0]["best_key_id"],
+        v["variants"][0]["per_key"][1]["key_id"]
+    );
+
+    // Human text (GSM8K answers) under the same key is not flagged.
+    let v = audit_json(&["--scheme", "kgw"], &[&k1], &[&human]);
+    assert!(v["texts"].as_u64().unwrap() > 1000, "{v}");
+    assert!(v["p_value"].as_f64().unwrap() > 1e-3, "{v}");
+
+    // Bundle → verify with the key; with another key it fails and says why.
+    let bundle = dir.path().join("bundle");
+    let mut cmd = isotope();
+    cmd.args(["audit", "text", "--watermark-key"])
+        .arg(&k1)
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(&marked);
+    let (code, stdout, stderr) = run(&mut cmd);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("WATERMARK FOUND"), "{stdout}");
+    let manifest = std::fs::read_to_string(bundle.join("bundle.json")).unwrap();
+    assert!(
+        !manifest.contains(&"01".repeat(32)),
+        "the key itself is never written"
+    );
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.starts_with("OK"), "{stdout}");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify", "--json"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k2));
+    assert_ne!(code, 0);
+    assert!(stdout.contains("not one of the bundle's keys"), "{stdout}");
+    assert!(stderr.contains("does not verify"), "{stderr}");
+}
+
+#[test]
+fn audit_model_reading_mode_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = fixed_key(dir.path(), 1);
+    let ours = dir.path().join("ours.jsonl");
+    std::fs::write(&ours, watermarked_jsonl(&k1, 2)).unwrap();
+    // A tiny student directory (untrained): reading mode runs end to end and the
+    // innocent model is not flagged.
+    let train = dir.path().join("train.jsonl");
+    std::fs::write(&train, std::fs::read_to_string(&ours).unwrap()).unwrap();
+    let student = dir.path().join("student");
+    let (code, _, stderr) = run(isotope()
+        .args(["distill", "train", "--data"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&student)
+        .args(["--student", "tiny", "--max-steps", "1", "--json"])
+        .args(["--tokenizer-gguf", &model()]));
+    assert_eq!(code, 0, "{stderr}");
+    let bundle = dir.path().join("bundle");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "model", "--json", "--suspect"])
+        .arg(&student)
+        .arg("--supervised-with")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1)
+        .arg("--bundle")
+        .arg(&bundle));
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["mode"], "reading");
+    let names: Vec<&str> = v["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["unsupervised", "supervised"]);
+    assert!(v["scored_tokens"].as_u64().unwrap() > 20, "{v}");
+    assert!(v["p_value"].as_f64().unwrap() > 1e-3, "{v}");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    // Bad input: a suspect that does not exist, an unreachable API, no prompts.
+    let (code, _, stderr) = run(isotope()
+        .args([
+            "audit",
+            "model",
+            "--suspect",
+            "/nonexistent/student",
+            "--texts",
+        ])
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("neither an http(s) URL"), "{stderr}");
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "model", "--suspect", "http://127.0.0.1:9"])
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--prompts"), "{stderr}");
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "text", "--watermark-key"])
+        .arg(&k1)
+        .arg(dir.path().join("missing.txt")));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("missing.txt"), "{stderr}");
+}
+
+/// A running `isotope serve`, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data: &Path) -> Server {
+    let mut child = StdCommand::cargo_bin("isotope")
+        .unwrap()
+        .env_remove("ISOTOPE_WATERMARK_KEY")
+        .env_remove("ISOTOPE_DATABASE_URL")
+        .args([
+            "serve",
+            "--model",
+            &model(),
+            "--addr",
+            "127.0.0.1:0",
+            "--slots",
+            "4",
+            "--ctx",
+            "1024",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap().to_owned());
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("server ready");
+    Server { child, addr }
+}
+
+#[test]
+fn black_box_audit_of_a_live_server() {
+    // The suspect here is our own watermarking server: the most radioactive model
+    // there is. Under its key the audit fires; under another key it does not; a wrong
+    // API key is a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["keys", "create", "--account", "auditor", "--data-dir"])
+        .arg(&data));
+    assert_eq!(code, 0, "{stderr}");
+    let api_key = stdout.lines().last().unwrap().trim().to_owned();
+    let server = serve(&data);
+    let url = format!("http://{}", server.addr);
+    let prompts = workspace().join("data/gsm8k/test.jsonl");
+    let other = fixed_key(dir.path(), 7);
+    let bundle = dir.path().join("bundle");
+    let (code, stdout, stderr) = run(isotope()
+        .args([
+            "audit",
+            "model",
+            "--json",
+            "--suspect",
+            &url,
+            "--api-key",
+            &api_key,
+        ])
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--budget-tokens", "480", "--max-tokens", "80"])
+        .arg("--watermark-key")
+        .arg(data.join("watermark.key"))
+        .arg("--watermark-key")
+        .arg(&other)
+        .arg("--bundle")
+        .arg(&bundle));
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("black-box: {v}");
+    assert_eq!(v["mode"], "black-box");
+    assert_eq!(v["texts"], 6);
+    assert!(v["p_value"].as_f64().unwrap() < 1e-6, "{v}");
+    let per_key = v["variants"][0]["per_key"].as_array().unwrap();
+    assert!(per_key[1]["p_value"].as_f64().unwrap() > 1e-3, "{v}");
+    assert!(bundle.join("harvest.jsonl").exists());
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&bundle)
+        .arg("--watermark-key")
+        .arg(data.join("watermark.key"))
+        .arg("--watermark-key")
+        .arg(&other));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    let (code, _, stderr) = run(isotope()
+        .args([
+            "audit",
+            "model",
+            "--suspect",
+            &url,
+            "--api-key",
+            "isk_wrong_key",
+        ])
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--budget-tokens", "100"])
+        .arg("--watermark-key")
+        .arg(&other));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("querying the suspect"), "{stderr}");
+    drop(server);
+}

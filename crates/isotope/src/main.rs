@@ -5,6 +5,7 @@ mod distill;
 mod eval;
 mod generate;
 mod loadtest;
+mod sentinel;
 mod serve;
 mod watermark;
 
@@ -47,6 +48,8 @@ enum Command {
     Distill(distill::DistillArgs),
     /// Load-test the HTTP server at several concurrencies, watermark on vs off.
     Loadtest(loadtest::LoadtestArgs),
+    /// Harvesting detection: simulate traffic, evaluate, score a live store.
+    Sentinel(sentinel::SentinelArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => serve::keys(args),
         Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Distill(args) => distill::distill(args),
+        Command::Sentinel(args) => sentinel::sentinel(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

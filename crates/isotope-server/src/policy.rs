@@ -218,16 +218,38 @@ mod tests {
 
     #[test]
     fn manual_floor_sentinel_and_pin_precedence() {
-        let floor = |level| Some(ManualLevel { level, pinned: false });
-        let pin = |level| Some(ManualLevel { level, pinned: true });
+        let floor = |level| {
+            Some(ManualLevel {
+                level,
+                pinned: false,
+            })
+        };
+        let pin = |level| {
+            Some(ManualLevel {
+                level,
+                pinned: true,
+            })
+        };
         assert_eq!(effective_level(None, Level::Observe), Level::Observe);
         assert_eq!(effective_level(None, Level::Degrade), Level::Degrade);
         // a floor is raised by the sentinel, never lowered by it
-        assert_eq!(effective_level(floor(Level::Throttle), Level::Observe), Level::Throttle);
-        assert_eq!(effective_level(floor(Level::Throttle), Level::Block), Level::Block);
+        assert_eq!(
+            effective_level(floor(Level::Throttle), Level::Observe),
+            Level::Throttle
+        );
+        assert_eq!(
+            effective_level(floor(Level::Throttle), Level::Block),
+            Level::Block
+        );
         // a pin wins both ways
-        assert_eq!(effective_level(pin(Level::Observe), Level::Block), Level::Observe);
-        assert_eq!(effective_level(pin(Level::Block), Level::Observe), Level::Block);
+        assert_eq!(
+            effective_level(pin(Level::Observe), Level::Block),
+            Level::Observe
+        );
+        assert_eq!(
+            effective_level(pin(Level::Block), Level::Observe),
+            Level::Block
+        );
         for s in Level::ALL {
             for m in Level::ALL {
                 assert!(effective_level(floor(m), s) >= s.max(m));

@@ -158,7 +158,9 @@ impl Backend {
 /// sentinel (which decides it), the server (which enforces it), the store (which keeps
 /// an operator's per-key setting as this text) and the CLI (`isotope keys set-level`).
 /// `FromStr`, `Display` and serde all use the lowercase names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     /// Nothing unusual.
@@ -279,7 +281,10 @@ mod level_tests {
                 assert_eq!(m.to_string().parse::<ManualLevel>().unwrap(), m);
             }
         }
-        assert_eq!("pin:block".parse::<ManualLevel>().unwrap().level, Level::Block);
+        assert_eq!(
+            "pin:block".parse::<ManualLevel>().unwrap().level,
+            Level::Block
+        );
         assert!("nope".parse::<Level>().is_err());
         assert!("pin:".parse::<ManualLevel>().is_err());
         assert!(Level::Observe < Level::Flag && Level::Degrade < Level::Block);

@@ -104,7 +104,8 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
         SentinelCommand::Train { out } => {
             let model = load_model(None)?;
             let text = serde_json::to_string(&*model).context("serialising the model")?;
-            std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
+            std::fs::write(&out, text)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("wrote {} ({})", out.display(), model.trained_on);
             Ok(())
         }
@@ -280,12 +281,9 @@ fn score(db: String, model: Option<PathBuf>, top: usize, json: bool) -> Result<(
     let model = load_model(model)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let events = rt.block_on(async {
-        let store = isotope_store::open(&db).await.with_context(|| {
-            format!(
-                "opening the store at {}",
-                isotope_server::redact_url(&db)
-            )
-        })?;
+        let store = isotope_store::open(&db)
+            .await
+            .with_context(|| format!("opening the store at {}", isotope_server::redact_url(&db)))?;
         let total = store.count_usage_events().await?;
         let pb = bar(total as usize, "events read");
         let mut all = Vec::new();

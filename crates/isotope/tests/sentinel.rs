@@ -76,7 +76,16 @@ fn spawn_server(config: &std::path::Path, addr: &str) -> Server {
         .arg(config)
         .arg("--model")
         .arg(model())
-        .args(["--addr", addr, "--slots", "4", "--ctx", "1024"])
+        .args([
+            "--addr",
+            addr,
+            "--slots",
+            "4",
+            "--ctx",
+            "1024",
+            "--threads",
+            "1",
+        ])
         .env("ISOTOPE_LOG", "isotope_server=info,warn")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -118,9 +127,10 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
 
 /// Varied human-written instructions (self-instruct), for the benign client.
 fn human_prompts(n: usize) -> Vec<String> {
-    let text =
-        std::fs::read_to_string(workspace().join("data/self-instruct/user_oriented_instructions.jsonl"))
-            .unwrap();
+    let text = std::fs::read_to_string(
+        workspace().join("data/self-instruct/user_oriented_instructions.jsonl"),
+    )
+    .unwrap();
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v["instruction"].as_str().map(str::to_owned))
@@ -179,7 +189,7 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         &config,
         format!(
             "data_dir = {data:?}\nadmin_token = \"admintest\"\ntrust_forwarded_for = true\n\
-             [sentinel]\nflag_threshold = 0.5\nwebhook_url = {hook_url:?}\nwebhook_retries = 1\n"
+             [sentinel]\nflag_threshold = 0.5\nmin_requests = 3\nwebhook_url = {hook_url:?}\nwebhook_retries = 1\n"
         ),
     )
     .unwrap();
@@ -226,6 +236,7 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(saw_loading, "/health never answered 503 while loading");
+    eprintln!("server ready after {:.1}s", start.elapsed().as_secs_f64());
 
     // The benign client: varied human instructions at its own pace, one asking for a
     // couple of logprobs (developers do).
@@ -247,16 +258,32 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
 
     // The harvester: templated topic sweep, always top-20 logprobs, as fast as it can.
     let topics = [
-        "photosynthesis", "the French revolution", "binary search", "inflation", "volcanoes",
-        "the immune system", "supply chains", "prime numbers", "plate tectonics", "jazz",
-        "neural networks", "the water cycle", "game theory", "black holes", "vaccines",
-        "compound interest", "the Roman empire", "climate change", "DNA replication", "gravity",
+        "photosynthesis",
+        "the French revolution",
+        "binary search",
+        "inflation",
+        "volcanoes",
+        "the immune system",
+        "supply chains",
+        "prime numbers",
+        "plate tectonics",
+        "jazz",
+        "neural networks",
+        "the water cycle",
+        "game theory",
+        "black holes",
+        "vaccines",
+        "compound interest",
+        "the Roman empire",
+        "climate change",
+        "DNA replication",
+        "gravity",
     ];
     let ua_bot = "python-requests/2.31.0";
     let mut degraded_at = None;
     let mut blocked_at = None;
     let mut sent = 0;
-    for i in 0..150usize {
+    for i in 0..80usize {
         let topic = topics[i % topics.len()];
         let o = chat(
             &http,
@@ -271,6 +298,9 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         )
         .await;
         sent += 1;
+        if i % 10 == 0 {
+            eprintln!("harvester request {i}: {}", o.status);
+        }
         match o.status {
             200 => {
                 let lp = &o.body["choices"][0]["logprobs"];
@@ -328,9 +358,16 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
     let harvester_alerts: Vec<&Value> = list
         .iter()
         .filter(|a| a["reasons"]["cluster"]["size"].is_number())
-        .filter(|a| a["api_key_id"].as_str().is_some_and(|k| harvest_key.contains(&k[3..])))
+        .filter(|a| {
+            a["api_key_id"]
+                .as_str()
+                .is_some_and(|k| harvest_key.contains(&k[3..]))
+        })
         .collect();
-    assert!(!harvester_alerts.is_empty(), "no alert for the harvester: {list:#?}");
+    assert!(
+        !harvester_alerts.is_empty(),
+        "no alert for the harvester: {list:#?}"
+    );
     let top = harvester_alerts.last().unwrap();
     assert!(
         ["throttle", "degrade", "block"].contains(&top["level"].as_str().unwrap()),
@@ -342,11 +379,16 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
     );
     let harvester_account = top["account_id"].as_i64().unwrap();
     assert!(
-        list.iter().all(|a| a["account_id"].as_i64() == Some(harvester_account)),
+        list.iter()
+            .all(|a| a["account_id"].as_i64() == Some(harvester_account)),
         "an alert names another account (the benign one?): {list:#?}"
     );
     // Without auth the alerts stay closed.
-    let r = http.get(format!("{base}/admin/alerts")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/admin/alerts"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
     // The webhook got the alerts.
@@ -410,7 +452,11 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
     )
     .await;
     assert_eq!(o.status, 200, "{}", o.body);
-    assert!(o.body["choices"][0]["logprobs"]["content"].is_array(), "{}", o.body);
+    assert!(
+        o.body["choices"][0]["logprobs"]["content"].is_array(),
+        "{}",
+        o.body
+    );
     eprintln!(
         "harvester: {sent} requests, degraded at {degraded_at:?}, blocked at {blocked_at:?}; \
          {} alerts",
@@ -425,14 +471,22 @@ fn simulate_then_eval_round_trip() {
     let events = dir.path().join("events.jsonl");
     let out = run_ok(
         isotope()
-            .args(["sentinel", "simulate", "--json", "--seed", "7", "--scale", "0.05", "--out"])
+            .args([
+                "sentinel", "simulate", "--json", "--seed", "7", "--scale", "0.05", "--out",
+            ])
             .arg(&events),
     );
     let sim: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(sim["events"].as_u64().unwrap() > 1000, "{sim}");
-    assert!(sim["accounts_per_label"]["benign"].as_u64().unwrap() > 20, "{sim}");
+    assert!(
+        sim["accounts_per_label"]["benign"].as_u64().unwrap() > 20,
+        "{sim}"
+    );
     let lines = std::fs::read_to_string(&events).unwrap();
-    assert_eq!(lines.lines().count() as u64, sim["events"].as_u64().unwrap());
+    assert_eq!(
+        lines.lines().count() as u64,
+        sim["events"].as_u64().unwrap()
+    );
 
     let out = run_ok(
         isotope()
@@ -447,14 +501,24 @@ fn simulate_then_eval_round_trip() {
     assert!(r["tpr"].as_f64().unwrap() >= 0.8, "{r}");
     assert!(r["fpr_upper95"].as_f64().unwrap() >= r["fpr"].as_f64().unwrap());
     for s in ["bulk", "sybil", "slow_low"] {
-        assert!(r["per_strategy"][s]["accounts"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            r["per_strategy"][s]["accounts"].as_u64().unwrap() > 0,
+            "{r}"
+        );
     }
 
     // The shipped example scenario parses and simulates.
     let ex = dir.path().join("example.jsonl");
     let out = run_ok(
         isotope()
-            .args(["sentinel", "simulate", "--json", "--scale", "0.2", "--scenario"])
+            .args([
+                "sentinel",
+                "simulate",
+                "--json",
+                "--scale",
+                "0.2",
+                "--scenario",
+            ])
             .arg(workspace().join("examples/sentinel-scenario.toml"))
             .arg("--out")
             .arg(&ex),

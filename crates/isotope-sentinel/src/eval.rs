@@ -76,11 +76,24 @@ pub fn build_reference(sim: &Simulated, embedder: &dyn Embedder, size: usize) ->
 
 /// Replays events through a recording sentinel and returns its snapshots.
 pub fn replay(events: &[UsageEvent], model: Arc<Model>) -> Vec<Snapshot> {
+    replay_with(events, model, &mut |_| {})
+}
+
+/// [`replay`], calling `progress(events done)` every 4,096 events (progress bars).
+pub fn replay_with(
+    events: &[UsageEvent],
+    model: Arc<Model>,
+    progress: &mut dyn FnMut(usize),
+) -> Vec<Snapshot> {
     let mut s = Sentinel::new(SentinelConfig::with_model(model));
     s.record_snapshots();
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
         s.observe(e);
+        if i % 4096 == 4095 {
+            progress(i + 1);
+        }
     }
+    progress(events.len());
     s.take_snapshots()
 }
 
@@ -360,7 +373,17 @@ pub fn evaluate(
     labels: &BTreeMap<i64, String>,
     model: Arc<Model>,
 ) -> EvalReport {
-    let snaps = replay(events, model.clone());
+    evaluate_with(events, labels, model, &mut |_| {})
+}
+
+/// [`evaluate`] with a progress callback (see [`replay_with`]).
+pub fn evaluate_with(
+    events: &[UsageEvent],
+    labels: &BTreeMap<i64, String>,
+    model: Arc<Model>,
+    progress: &mut dyn FnMut(usize),
+) -> EvalReport {
+    let snaps = replay_with(events, model.clone(), progress);
     report(&model, &snaps, labels, events.len())
 }
 

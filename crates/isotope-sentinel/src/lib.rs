@@ -24,8 +24,8 @@ pub mod text;
 
 pub use embed::{Embedder, HashedEmbedder};
 pub use eval::{
-    bench, default_model, evaluate, leave_one_out, train, BenchReport, EvalReport, LooReport,
-    StrategyReport, TrainConfig,
+    bench, default_model, evaluate, evaluate_with, leave_one_out, train, BenchReport, EvalReport,
+    LooReport, StrategyReport, TrainConfig,
 };
 pub use model::{Level, Model, Reason, Thresholds};
 pub use sentinel::{Assessment, Sentinel, SentinelConfig};

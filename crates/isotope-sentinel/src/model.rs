@@ -11,50 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::features::{Features, Reference, FEATURE_NAMES, NF};
 
-/// Graded response, mildest first. The strings are exactly the server's
-/// `isotope_server::policy::Level` names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// Nothing unusual.
-    Observe,
-    /// Worth a look; alert.
-    Flag,
-    /// Lower rate limits.
-    Throttle,
-    /// Drop logprobs, shorten max tokens, stronger defences.
-    Degrade,
-    /// Refuse service.
-    Block,
-}
-
-impl Level {
-    /// All levels, mildest first.
-    pub const ALL: [Level; 5] = [
-        Level::Observe,
-        Level::Flag,
-        Level::Throttle,
-        Level::Degrade,
-        Level::Block,
-    ];
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Observe => "observe",
-            Level::Flag => "flag",
-            Level::Throttle => "throttle",
-            Level::Degrade => "degrade",
-            Level::Block => "block",
-        }
-    }
-}
-
-impl std::fmt::Display for Level {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The policy level: one definition, in `isotope-store` (where an operator's per-key
+/// level is kept as its text), shared with the server that enforces it.
+pub use isotope_store::Level;
 
 /// Score thresholds (probabilities) at which each level starts.
 #[derive(Clone, Debug, Serialize, Deserialize)]

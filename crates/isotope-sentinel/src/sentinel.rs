@@ -295,6 +295,20 @@ impl Sentinel {
             .unwrap_or(Level::Observe)
     }
 
+    /// The accounts in `account_id`'s Sybil cluster, itself included (empty for an
+    /// unknown account). When one member is re-scored, every member's
+    /// [`Sentinel::level`] may change, so the server re-reads all of them.
+    pub fn cluster_members(&mut self, account_id: i64) -> Vec<i64> {
+        let Some(&a) = self.index.get(&account_id) else {
+            return Vec::new();
+        };
+        self.linker
+            .members(a)
+            .iter()
+            .map(|&m| self.slots[m as usize].id)
+            .collect()
+    }
+
     /// Re-scores every account at `now_ms` (a batch job, e.g. `isotope sentinel score`
     /// or a periodic task in the server), sorted by score, highest first.
     pub fn assess(&mut self, now_ms: i64) -> Vec<Assessment> {

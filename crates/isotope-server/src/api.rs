@@ -517,7 +517,7 @@ async fn run(
             let hook = WatermarkHook::new(
                 Arc::clone(&app.watermark.key),
                 &app.watermark.scheme,
-                Arc::clone(&app.watermark.excluded),
+                Arc::clone(&engine.excluded),
                 greedy,
             );
             scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
@@ -667,7 +667,11 @@ impl Driver {
         };
         let usage = self.usage();
         let event = self.usage_event(status, partial);
+        let for_sentinel = self.app.sentinel.as_ref().map(|s| (s, event.clone()));
         let committed = self.app.writer.record(event).await;
+        if let (Some((sentinel, event)), Ok(())) = (for_sentinel, &committed) {
+            sentinel.observe(event);
+        }
         let _ = self
             .app
             .store

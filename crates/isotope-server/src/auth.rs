@@ -15,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
-use crate::policy::{Level, LevelPolicy};
+use crate::policy::{effective_level, Level, LevelPolicy};
 use crate::AppState;
 
 /// Who is calling, attached to the request by [`authenticate`].
@@ -45,6 +45,16 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The first address of `X-Forwarded-For` (the client, as the proxy saw it).
+fn forwarded_for(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("x-forwarded-for")?.to_str().ok()?;
+    let first = v.split(',').next()?.trim();
+    first
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
 }
 
 fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
@@ -96,10 +106,16 @@ impl RateHeaders {
 pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     match admit(&app, req.headers()).await {
         Ok((mut caller, rate)) => {
-            caller.client_addr = req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string());
+            let forwarded = app
+                .cfg
+                .trust_forwarded_for
+                .then(|| forwarded_for(req.headers()))
+                .flatten();
+            caller.client_addr = forwarded.or_else(|| {
+                req.extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip().to_string())
+            });
             req.extensions_mut().insert(caller);
             let mut resp = next.run(req).await;
             rate.apply(resp.headers_mut());
@@ -116,11 +132,12 @@ async fn admit(app: &AppState, headers: &HeaderMap) -> Result<(Caller, RateHeade
         .authenticate(token)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
-    let level = key
-        .policy_level
-        .as_deref()
-        .and_then(|l| l.parse::<Level>().ok())
+    let sentinel = app
+        .sentinel
+        .as_ref()
+        .map(|s| s.level(key.account_id))
         .unwrap_or(Level::Observe);
+    let level = effective_level(key.manual_level(), sentinel);
     let policy = app.cfg.policy.for_level(level).clone();
     if policy.block {
         return Err(ApiError::forbidden(

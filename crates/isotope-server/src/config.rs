@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::PolicyTable;
+use crate::policy::{Level, PolicyTable};
 
 /// Everything `isotope serve` needs. Field names are the `isotope.toml` keys.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,6 +66,56 @@ pub struct ServerConfig {
     pub policy: PolicyTable,
     /// Bearer token for `/admin/*` (unset: admin API disabled).
     pub admin_token: Option<String>,
+    /// Take the client address from the first `X-Forwarded-For` entry instead of the
+    /// TCP peer. Only behind a reverse proxy that sets it: otherwise clients choose
+    /// the address the sentinel links accounts by.
+    pub trust_forwarded_for: bool,
+    /// The online sentinel (`[sentinel]` in isotope.toml).
+    pub sentinel: SentinelSettings,
+}
+
+/// `[sentinel]`: harvesting detection inside `isotope serve`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SentinelSettings {
+    /// Watch every usage event and apply the sentinel's levels (default on).
+    pub enabled: bool,
+    /// A trained sentinel model (JSON, as written by `isotope sentinel train`); default:
+    /// the built-in model, trained on simulated traffic at start-up.
+    pub model: Option<PathBuf>,
+    /// Replace the model's calibrated flag threshold (a probability; the higher levels
+    /// keep their fixed logit steps above it). For experiments and tests: the
+    /// calibrated value is what the false-positive numbers were measured with.
+    pub flag_threshold: Option<f64>,
+    /// Replace the model's minimum request count before an account's own score counts.
+    pub min_requests: Option<u64>,
+    /// POST every alert here as JSON (optional).
+    pub webhook_url: Option<String>,
+    /// Timeout of one webhook attempt.
+    pub webhook_timeout_ms: u64,
+    /// Further attempts after a failed one (exponential backoff from 250 ms).
+    pub webhook_retries: u32,
+    /// Usage events waiting for the sentinel; beyond that new events are dropped
+    /// (counted in /metrics) rather than slowing requests down.
+    pub queue: usize,
+    /// Level changes at or above this level (or down from it) create alerts.
+    pub alert_level: Level,
+}
+
+impl Default for SentinelSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            model: None,
+            flag_threshold: None,
+            min_requests: None,
+            webhook_url: None,
+            webhook_timeout_ms: 5_000,
+            webhook_retries: 3,
+            queue: 16_384,
+            alert_level: Level::Flag,
+        }
+    }
 }
 
 /// Per-key limits applied when a key has none of its own.
@@ -105,6 +155,8 @@ impl Default for ServerConfig {
             default_limits: DefaultLimits::default(),
             policy: PolicyTable::default(),
             admin_token: None,
+            trust_forwarded_for: false,
+            sentinel: SentinelSettings::default(),
         }
     }
 }

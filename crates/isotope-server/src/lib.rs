@@ -20,6 +20,7 @@ pub mod loadgen;
 pub mod openai;
 pub mod policy;
 pub mod scheduler;
+pub mod sentinel;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,17 +44,18 @@ use serde_json::json;
 pub use config::ServerConfig;
 use error::ApiError;
 
-/// The loaded model and its scheduler.
+/// The loaded model, its scheduler, and what the watermark needs from its vocabulary.
 pub struct Engine {
     pub model: Arc<Model>,
     pub scheduler: scheduler::Scheduler,
+    /// Control tokens the watermark never biases (from the model's vocabulary).
+    pub excluded: ExcludedTokens,
 }
 
 /// The watermark applied to every response.
 pub struct Watermark {
     pub key: Arc<WatermarkKey>,
     pub scheme: Scheme,
-    pub excluded: ExcludedTokens,
     /// Every key detection should try (the active one first), for rotation.
     pub detection_keys: Vec<Arc<WatermarkKey>>,
 }
@@ -70,6 +72,8 @@ pub struct AppState {
     pub model_name: String,
     pub metrics: PrometheusHandle,
     pub started_at: i64,
+    /// The online sentinel (`None` when disabled).
+    pub sentinel: Option<sentinel::SentinelHandle>,
 }
 
 /// What `serve` reports once the model is loaded.
@@ -226,6 +230,12 @@ async fn health(State(app): State<AppState>) -> Response {
             "model": app.model_name,
             "active_sequences": engine.scheduler.load().active.load(std::sync::atomic::Ordering::Relaxed),
             "queued": engine.scheduler.load().queued.load(std::sync::atomic::Ordering::Relaxed),
+            // `starting` until the sentinel has its model and has replayed the store.
+            "sentinel": match &app.sentinel {
+                None => "off",
+                Some(s) if s.caught_up() => "ready",
+                Some(_) => "starting",
+            },
         }))
         .into_response(),
         None => (
@@ -292,6 +302,13 @@ pub async fn serve(
             cfg.model.display()
         );
     }
+    // A configured sentinel model is read now, so a bad file stops the start-up; the
+    // built-in one is trained in the background.
+    sentinel::check_settings(&cfg.sentinel)?;
+    let sentinel_model = match (&cfg.sentinel.model, cfg.sentinel.enabled) {
+        (Some(_), true) => Some(sentinel::load_model(&cfg.sentinel)?),
+        _ => None,
+    };
     let url = cfg.database_url();
     if url.starts_with("sqlite://") {
         std::fs::create_dir_all(&cfg.data_dir)
@@ -309,11 +326,63 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", cfg.addr))?;
     let addr = listener.local_addr()?;
-    // The control mask needs the vocabulary, which arrives with the model; until then
-    // nothing is generated, so an empty mask is never used.
     let engine_cell: Arc<OnceLock<Arc<Engine>>> = Arc::new(OnceLock::new());
     let model_name = cfg.model_name();
     let cfg = Arc::new(cfg);
+    let started_at = auth::now_ms();
+    let (sentinel, sentinel_worker) = if cfg.sentinel.enabled {
+        let (h, w) = sentinel::SentinelHandle::new(cfg.sentinel.queue);
+        (Some(h), Some(w))
+    } else {
+        (None, None)
+    };
+    let watermark = Arc::new(Watermark {
+        key: Arc::clone(&key),
+        scheme: scheme.clone(),
+        detection_keys,
+    });
+    let state = AppState {
+        cfg: Arc::clone(&cfg),
+        store: Arc::clone(&store),
+        writer: writer.clone(),
+        engine: Arc::clone(&engine_cell),
+        watermark,
+        model_name: model_name.clone(),
+        metrics: metrics_handle()?,
+        started_at,
+        sentinel,
+    };
+    // Serve at once, so `/health` answers 503 (and `/v1/*` 503) while models load.
+    let app = router(state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(async move {
+        let mut stop_rx = stop_rx;
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::pin!(shutdown);
+
+    // The sentinel starts now (its catch-up overlaps the model load); requests wait
+    // for nothing of it.
+    if let Some(worker) = sentinel_worker {
+        sentinel::spawn(
+            worker,
+            sentinel_model,
+            cfg.sentinel.clone(),
+            Arc::clone(&store),
+            started_at,
+        );
+    }
 
     // Load the model off the async runtime.
     let load_started = Instant::now();
@@ -331,28 +400,23 @@ pub async fn serve(
             Ok((model, sched))
         },
     );
-
-    let (model, sched) = loaded.await.context("model loading task")??;
-    let watermark = Arc::new(Watermark {
-        key: Arc::clone(&key),
-        scheme: scheme.clone(),
-        excluded: model.control_mask().into(),
-        detection_keys,
-    });
+    let (model, sched) = tokio::select! {
+        r = loaded => r.context("model loading task")??,
+        _ = &mut shutdown => {
+            let _ = server.await;
+            writer.shutdown().await;
+            return Ok(());
+        }
+        r = &mut server => {
+            r.context("HTTP server task")?.context("serving HTTP")?;
+            bail!("the HTTP server stopped while the model was loading");
+        }
+    };
     let _ = engine_cell.set(Arc::new(Engine {
+        excluded: model.control_mask().into(),
         model,
         scheduler: sched,
     }));
-    let state = AppState {
-        cfg: Arc::clone(&cfg),
-        store: Arc::clone(&store),
-        writer: writer.clone(),
-        engine: engine_cell,
-        watermark,
-        model_name: model_name.clone(),
-        metrics: metrics_handle()?,
-        started_at: auth::now_ms(),
-    };
     if let Some(days) = cfg.retention_days {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
@@ -371,7 +435,6 @@ pub async fn serve(
     if !cfg.watermark {
         tracing::warn!("watermark DISABLED by configuration: responses are untraceable");
     }
-    let app = router(state);
     on_ready(&Ready {
         addr,
         model_name,
@@ -384,13 +447,18 @@ pub async fn serve(
         database_url: redact_url(&url),
         load_secs: load_started.elapsed().as_secs_f64(),
     });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving HTTP")?;
+    tokio::select! {
+        _ = &mut shutdown => {}
+        r = &mut server => {
+            r.context("HTTP server task")?.context("serving HTTP")?;
+            writer.shutdown().await;
+            return Ok(());
+        }
+    }
+    server
+        .await
+        .context("HTTP server task")?
+        .context("serving HTTP")?;
     writer.shutdown().await;
     Ok(())
 }

@@ -9,46 +9,18 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Graded response to an account's risk, from "just watch" to "refuse".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Level {
-    Observe,
-    Flag,
-    Throttle,
-    Degrade,
-    Block,
-}
+pub use isotope_store::{Level, ManualLevel};
 
-impl Level {
-    pub const ALL: [Level; 5] = [
-        Level::Observe,
-        Level::Flag,
-        Level::Throttle,
-        Level::Degrade,
-        Level::Block,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Observe => "observe",
-            Level::Flag => "flag",
-            Level::Throttle => "throttle",
-            Level::Degrade => "degrade",
-            Level::Block => "block",
-        }
-    }
-}
-
-impl std::str::FromStr for Level {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Level::ALL
-            .into_iter()
-            .find(|l| l.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown policy level `{s}`; expected observe, flag, throttle, degrade or block")
-            })
+/// The level a request is served at: an operator's pinned level wins outright;
+/// otherwise the stricter of the operator's floor and the sentinel's level. Why a
+/// floor by default: an operator who marks a key `degrade` means "at least degrade" —
+/// the sentinel seeing it get worse must still be able to block it. Pinning
+/// (`pin:observe`) is how an operator overrules a false alarm.
+pub fn effective_level(manual: Option<ManualLevel>, sentinel: Level) -> Level {
+    match manual {
+        Some(m) if m.pinned => m.level,
+        Some(m) => m.level.max(sentinel),
+        None => sentinel,
     }
 }
 
@@ -241,6 +213,48 @@ mod tests {
         for level in Level::ALL {
             let a = apply(level, table.for_level(level), small.clone());
             assert!(a.granted.max_tokens <= 10 && a.granted.n <= 1 && !a.granted.logprobs);
+        }
+    }
+
+    #[test]
+    fn manual_floor_sentinel_and_pin_precedence() {
+        let floor = |level| {
+            Some(ManualLevel {
+                level,
+                pinned: false,
+            })
+        };
+        let pin = |level| {
+            Some(ManualLevel {
+                level,
+                pinned: true,
+            })
+        };
+        assert_eq!(effective_level(None, Level::Observe), Level::Observe);
+        assert_eq!(effective_level(None, Level::Degrade), Level::Degrade);
+        // a floor is raised by the sentinel, never lowered by it
+        assert_eq!(
+            effective_level(floor(Level::Throttle), Level::Observe),
+            Level::Throttle
+        );
+        assert_eq!(
+            effective_level(floor(Level::Throttle), Level::Block),
+            Level::Block
+        );
+        // a pin wins both ways
+        assert_eq!(
+            effective_level(pin(Level::Observe), Level::Block),
+            Level::Observe
+        );
+        assert_eq!(
+            effective_level(pin(Level::Block), Level::Observe),
+            Level::Block
+        );
+        for s in Level::ALL {
+            for m in Level::ALL {
+                assert!(effective_level(floor(m), s) >= s.max(m));
+                assert_eq!(effective_level(pin(m), s), m);
+            }
         }
     }
 

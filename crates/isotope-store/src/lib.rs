@@ -34,7 +34,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::{Store, RATE_WINDOW_MS};
 pub use types::{
-    Account, Alert, ApiKeyRecord, Backend, KeyLimits, NewApiKey, RateWindow, UsageEvent,
+    Account, Alert, ApiKeyRecord, Backend, KeyLimits, Level, ManualLevel, NewApiKey, RateWindow,
+    UsageEvent, PIN_PREFIX,
 };
 pub use writer::{UsageWriter, WriterStats};
 

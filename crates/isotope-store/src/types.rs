@@ -153,3 +153,140 @@ impl Backend {
         }
     }
 }
+
+/// Graded response to an account's risk, mildest first: the one vocabulary of the
+/// sentinel (which decides it), the server (which enforces it), the store (which keeps
+/// an operator's per-key setting as this text) and the CLI (`isotope keys set-level`).
+/// `FromStr`, `Display` and serde all use the lowercase names.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Nothing unusual.
+    #[default]
+    Observe,
+    /// Worth a look; alert.
+    Flag,
+    /// Lower rate limits.
+    Throttle,
+    /// Drop logprobs, shorten max tokens, stronger defences.
+    Degrade,
+    /// Refuse service.
+    Block,
+}
+
+impl Level {
+    /// All levels, mildest first.
+    pub const ALL: [Level; 5] = [
+        Level::Observe,
+        Level::Flag,
+        Level::Throttle,
+        Level::Degrade,
+        Level::Block,
+    ];
+
+    /// The wire (and stored) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Observe => "observe",
+            Level::Flag => "flag",
+            Level::Throttle => "throttle",
+            Level::Degrade => "degrade",
+            Level::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Level::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown policy level `{s}`; expected observe, flag, throttle, degrade or block"
+                )
+            })
+    }
+}
+
+/// An operator's per-key level, stored in [`ApiKeyRecord::policy_level`] as text:
+/// `degrade` is a floor (the sentinel may still raise the key above it), `pin:degrade`
+/// fixes the key at that level whatever the sentinel says (e.g. `pin:observe` to clear
+/// a false alarm). No setting at all means "follow the sentinel".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ManualLevel {
+    /// The level set.
+    pub level: Level,
+    /// Whether it overrides the sentinel instead of being a floor.
+    pub pinned: bool,
+}
+
+/// Prefix of a pinned [`ManualLevel`] in its text form.
+pub const PIN_PREFIX: &str = "pin:";
+
+impl std::fmt::Display for ManualLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pinned {
+            f.write_str(PIN_PREFIX)?;
+        }
+        f.write_str(self.level.as_str())
+    }
+}
+
+impl std::str::FromStr for ManualLevel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let (pinned, rest) = match s.strip_prefix(PIN_PREFIX) {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        Ok(ManualLevel {
+            level: rest.parse()?,
+            pinned,
+        })
+    }
+}
+
+impl ApiKeyRecord {
+    /// The operator's level for this key; `None` when unset or unreadable (an
+    /// unreadable value is ignored rather than locking the key out).
+    pub fn manual_level(&self) -> Option<ManualLevel> {
+        self.policy_level.as_deref().and_then(|s| s.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod level_tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_manual_levels_round_trip_through_text_and_serde() {
+        for level in Level::ALL {
+            assert_eq!(level.as_str().parse::<Level>().unwrap(), level);
+            assert_eq!(level.to_string(), level.as_str());
+            let json = serde_json::to_string(&level).unwrap();
+            assert_eq!(json, format!("\"{}\"", level.as_str()));
+            assert_eq!(serde_json::from_str::<Level>(&json).unwrap(), level);
+            for pinned in [false, true] {
+                let m = ManualLevel { level, pinned };
+                assert_eq!(m.to_string().parse::<ManualLevel>().unwrap(), m);
+            }
+        }
+        assert_eq!(
+            "pin:block".parse::<ManualLevel>().unwrap().level,
+            Level::Block
+        );
+        assert!("nope".parse::<Level>().is_err());
+        assert!("pin:".parse::<ManualLevel>().is_err());
+        assert!(Level::Observe < Level::Flag && Level::Degrade < Level::Block);
+    }
+}

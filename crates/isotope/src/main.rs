@@ -6,6 +6,7 @@ mod distill;
 mod eval;
 mod generate;
 mod loadtest;
+mod sentinel;
 mod serve;
 mod watermark;
 
@@ -50,6 +51,8 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Radioactivity audits: a corpus (`text`), a suspect model (`model`), a bundle (`verify`).
     Audit(audit::AuditArgs),
+    /// Harvesting detection: simulate traffic, evaluate, score a live store.
+    Sentinel(sentinel::SentinelArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Distill(args) => distill::distill(args),
         Command::Audit(args) => audit::audit(args),
+        Command::Sentinel(args) => sentinel::sentinel(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use isotope_server::policy::Level;
+use isotope_server::policy::ManualLevel;
 use isotope_server::ServerConfig;
 use isotope_store::KeyLimits;
 
@@ -119,6 +119,18 @@ pub struct ServeArgs {
     /// Bearer token for /admin/* endpoints.
     #[arg(long, env = "ISOTOPE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Turn the online sentinel off (no harvesting detection, no automatic levels).
+    #[arg(long)]
+    no_sentinel: bool,
+    /// Sentinel model (JSON); default: the built-in one.
+    #[arg(long, env = "ISOTOPE_SENTINEL_MODEL")]
+    sentinel_model: Option<PathBuf>,
+    /// POST sentinel alerts to this URL.
+    #[arg(long, env = "ISOTOPE_SENTINEL_WEBHOOK_URL")]
+    sentinel_webhook_url: Option<String>,
+    /// Take client addresses from X-Forwarded-For (only behind a proxy that sets it).
+    #[arg(long)]
+    trust_forwarded_for: bool,
 }
 
 fn merge(a: &ServeArgs) -> Result<ServerConfig> {
@@ -162,6 +174,18 @@ fn merge(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if a.admin_token.is_some() {
         cfg.admin_token = a.admin_token.clone();
+    }
+    if a.no_sentinel {
+        cfg.sentinel.enabled = false;
+    }
+    if a.sentinel_model.is_some() {
+        cfg.sentinel.model = a.sentinel_model.clone();
+    }
+    if a.sentinel_webhook_url.is_some() {
+        cfg.sentinel.webhook_url = a.sentinel_webhook_url.clone();
+    }
+    if a.trust_forwarded_for {
+        cfg.trust_forwarded_for = true;
     }
     Ok(cfg)
 }
@@ -239,8 +263,9 @@ enum KeysCommand {
         config: ConfigArgs,
         key_id: String,
     },
-    /// Set a key's policy level (observe, flag, throttle, degrade, block) or `auto`
-    /// to follow the sentinel.
+    /// Set a key's policy level: observe, flag, throttle, degrade or block is a floor
+    /// (the sentinel may raise the key above it), `pin:LEVEL` fixes it whatever the
+    /// sentinel says (`pin:observe` clears a false alarm), `auto` follows the sentinel.
     SetLevel {
         #[command(flatten)]
         config: ConfigArgs,
@@ -332,18 +357,20 @@ pub fn keys(a: KeysArgs) -> Result<()> {
                 let level = if level == "auto" {
                     None
                 } else {
-                    Some(level.parse::<Level>().map_err(anyhow::Error::msg)?)
+                    Some(level.parse::<ManualLevel>().map_err(|e| {
+                        anyhow::anyhow!("{e}, optionally prefixed by `pin:`, or `auto`")
+                    })?)
                 };
                 let store = config.open_store().await?;
                 if !store
-                    .set_key_policy_level(&key_id, level.map(|l| l.as_str().to_owned()))
+                    .set_key_policy_level(&key_id, level.map(|l| l.to_string()))
                     .await?
                 {
                     bail!("no API key with id {key_id} (see `isotope keys list`)");
                 }
                 eprintln!(
                     "{key_id}: policy level {}",
-                    level.map(|l| l.as_str()).unwrap_or("auto")
+                    level.map(|l| l.to_string()).as_deref().unwrap_or("auto")
                 );
             }
         }

@@ -1,0 +1,354 @@
+//! `isotope sentinel simulate|eval|score|train`: wiring to `isotope-sentinel` and the
+//! store. Simulated traffic goes to a JSONL events file (`{"event", "label"}` per
+//! line); `eval` replays such a file; `score` replays a live store's usage events.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use isotope_sentinel::{Model, Scenario, Sentinel, SentinelConfig, Simulated};
+use serde_json::json;
+
+/// Seed `simulate` uses unless told otherwise: not one the default model was fitted
+/// or calibrated on (those are in `TrainConfig::default`).
+pub const DEFAULT_SIM_SEED: u64 = 2024;
+
+#[derive(clap::Args, Debug)]
+pub struct SentinelArgs {
+    #[command(subcommand)]
+    command: SentinelCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SentinelCommand {
+    /// Simulate labelled benign and harvesting traffic into a JSONL events file.
+    Simulate {
+        /// Scenario (TOML or JSON; see examples/sentinel-scenario.toml). Default: the
+        /// built-in mixed scenario on the evaluation prompt split.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Events file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Simulation seed.
+        #[arg(long, default_value_t = DEFAULT_SIM_SEED)]
+        seed: u64,
+        /// Multiply every population by this (e.g. 0.1 for a quick run).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a labelled events file through the sentinel: per-strategy TPR, benign
+    /// FPR with its Clopper–Pearson bound, ROC AUC, requests until flagged.
+    Eval {
+        /// Events file from `isotope sentinel simulate`.
+        #[arg(long)]
+        events: PathBuf,
+        /// Sentinel model (JSON); default: the built-in one.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a store's usage events and print each account's score, level, cluster
+    /// and reasons (highest score first).
+    Score {
+        /// The store: `sqlite://PATH` or `postgres://…`.
+        #[arg(long = "db", env = "ISOTOPE_DATABASE_URL")]
+        db: String,
+        /// Sentinel model (JSON); default: the built-in one.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Accounts to print (text mode).
+        #[arg(long, default_value_t = 30)]
+        top: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train the built-in model (deterministic) and write it as JSON, for
+    /// `[sentinel] model` or `--model`.
+    Train {
+        /// Model file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn sentinel(a: SentinelArgs) -> Result<()> {
+    match a.command {
+        SentinelCommand::Simulate {
+            scenario,
+            out,
+            seed,
+            scale,
+            json,
+        } => simulate(scenario, out, seed, scale, json),
+        SentinelCommand::Eval {
+            events,
+            model,
+            json,
+        } => eval(events, model, json),
+        SentinelCommand::Score {
+            db,
+            model,
+            top,
+            json,
+        } => score(db, model, top, json),
+        SentinelCommand::Train { out } => {
+            let model = load_model(None)?;
+            let text = serde_json::to_string(&*model).context("serialising the model")?;
+            std::fs::write(&out, text)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("wrote {} ({})", out.display(), model.trained_on);
+            Ok(())
+        }
+    }
+}
+
+fn spinner(msg: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner().with_message(msg);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+fn load_model(path: Option<PathBuf>) -> Result<Arc<Model>> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read sentinel model {}", p.display()))?;
+            let m: Model = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a sentinel model (write one with `isotope sentinel train`)",
+                    p.display()
+                )
+            })?;
+            m.validate()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("sentinel model {}", p.display()))?;
+            Ok(Arc::new(m))
+        }
+        None => {
+            let bar = spinner("training the built-in sentinel model on simulated traffic");
+            let m = isotope_sentinel::default_model().map_err(anyhow::Error::msg);
+            bar.finish_and_clear();
+            m
+        }
+    }
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} {{per_sec}} {{elapsed_precise}} (eta {{eta}})"
+        ))
+        .expect("static template"),
+    )
+}
+
+fn simulate(
+    scenario: Option<PathBuf>,
+    out: PathBuf,
+    seed: u64,
+    scale: Option<f64>,
+    json: bool,
+) -> Result<()> {
+    let mut sc = match &scenario {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read scenario {}", p.display()))?;
+            Scenario::parse(&text).with_context(|| format!("scenario {}", p.display()))?
+        }
+        None => Scenario::default_mixed(),
+    };
+    if let Some(f) = scale {
+        if !(f > 0.0 && f.is_finite()) {
+            bail!("--scale must be a positive number, got {f}");
+        }
+        sc = sc.scaled(f);
+    }
+    let t = Instant::now();
+    let bar = spinner("simulating traffic");
+    let sim = isotope_sentinel::simulate(&sc, seed);
+    bar.finish_and_clear();
+    let sim = sim.context("simulating")?;
+    std::fs::write(&out, sim.to_jsonl())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in sim.labels.values() {
+        *per_label.entry(l.as_str()).or_default() += 1;
+    }
+    if json {
+        println!(
+            "{}",
+            json!({
+                "scenario": sc.name,
+                "seed": seed,
+                "out": out,
+                "events": sim.events.len(),
+                "accounts": sim.labels.len(),
+                "accounts_per_label": per_label,
+                "seconds": t.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "{}: {} events from {} accounts (seed {seed}) → {}",
+            sc.name,
+            sim.events.len(),
+            sim.labels.len(),
+            out.display()
+        );
+        for (l, n) in per_label {
+            println!("  {l:<12} {n:>6} accounts");
+        }
+    }
+    Ok(())
+}
+
+fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
+    let text = std::fs::read_to_string(&events)
+        .with_context(|| format!("cannot read events file {}", events.display()))?;
+    let sim = Simulated::from_jsonl(&text)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("events file {}", events.display()))?;
+    if sim.events.is_empty() {
+        bail!("{} holds no events", events.display());
+    }
+    if !sim.labels.values().any(|l| l == "benign") {
+        bail!(
+            "{} has no benign accounts: FPR needs some (label \"benign\")",
+            events.display()
+        );
+    }
+    let model = load_model(model)?;
+    let t = Instant::now();
+    let pb = bar(sim.events.len(), "events");
+    let r = isotope_sentinel::evaluate_with(&sim.events, &sim.labels, model, &mut |n| {
+        pb.set_position(n as u64)
+    });
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["events_per_second"] = json!(r.events as f64 / secs.max(1e-9));
+        println!("{v}");
+        return Ok(());
+    }
+    let f = |x: Option<f64>, d: usize| x.map_or("-".into(), |x| format!("{x:.d$}"));
+    println!(
+        "{} events, {} benign and {} harvesting accounts ({:.0} events/s)",
+        r.events,
+        r.benign_accounts,
+        r.harvest_accounts,
+        r.events as f64 / secs.max(1e-9)
+    );
+    println!(
+        "TPR {:.3}  benign FPR {:.4} ({} flagged; Clopper–Pearson 95% upper {:.4})  AUC {}  median requests until flagged {}",
+        r.tpr,
+        r.fpr,
+        r.benign_flagged,
+        r.fpr_upper95,
+        f(r.auc, 4),
+        f(r.median_requests_until_flagged, 0)
+    );
+    println!(
+        "{:<12} {:>8} {:>8} {:>6} {:>7} {:>10}",
+        "strategy", "accounts", "flagged", "TPR", "AUC", "req→flag"
+    );
+    for (name, s) in &r.per_strategy {
+        println!(
+            "{:<12} {:>8} {:>8} {:>6.3} {:>7} {:>10}",
+            name,
+            s.accounts,
+            s.flagged,
+            s.tpr,
+            f(s.auc, 3),
+            f(s.median_requests_until_flagged, 0)
+        );
+    }
+    println!("model: {}", r.model);
+    Ok(())
+}
+
+fn score(db: String, model: Option<PathBuf>, top: usize, json: bool) -> Result<()> {
+    let model = load_model(model)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let events = rt.block_on(async {
+        let store = isotope_store::open(&db)
+            .await
+            .with_context(|| format!("opening the store at {}", isotope_server::redact_url(&db)))?;
+        let total = store.count_usage_events().await?;
+        let pb = bar(total as usize, "events read");
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = store.usage_events_since(cursor, 5_000).await?;
+            let Some(last) = page.last() else { break };
+            cursor = last.id;
+            pb.inc(page.len() as u64);
+            all.extend(page);
+        }
+        pb.finish_and_clear();
+        store.close().await;
+        anyhow::Ok(all)
+    })?;
+    let mut s = Sentinel::new(SentinelConfig::with_model(model.clone()));
+    let pb = bar(events.len(), "events scored");
+    for (i, e) in events.iter().enumerate() {
+        s.observe(e);
+        if i % 1024 == 0 {
+            pb.set_position(i as u64);
+        }
+    }
+    pb.finish_and_clear();
+    let now = isotope_server::auth::now_ms();
+    let assessments = s.assess(now);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "events": events.len(),
+                "accounts": assessments.len(),
+                "thresholds": model.thresholds,
+                "model": model.trained_on,
+                "assessments": assessments,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{} events, {} accounts (flag at score {:.4})",
+        events.len(),
+        assessments.len(),
+        model.thresholds.flag
+    );
+    println!(
+        "{:>8} {:>8} {:>5} {:>8} {:>7} {:<9} reasons",
+        "account", "cluster", "size", "requests", "score", "level"
+    );
+    for a in assessments.iter().take(top) {
+        let reasons: Vec<String> = a
+            .reasons
+            .iter()
+            .map(|r| format!("{}={:.3} (+{:.2})", r.feature, r.value, r.contribution))
+            .collect();
+        println!(
+            "{:>8} {:>8} {:>5} {:>8} {:>7.4} {:<9} {}",
+            a.account_id,
+            a.cluster_id,
+            a.cluster_size,
+            a.requests,
+            a.score,
+            a.level.as_str(),
+            reasons.join(", ")
+        );
+    }
+    Ok(())
+}

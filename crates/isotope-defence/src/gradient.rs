@@ -164,8 +164,8 @@ impl ProxyGradient {
             path: path.to_path_buf(),
             message,
         };
-        let tensors = candle_core::safetensors::load(path, proxy.device())
-            .map_err(|e| err(e.to_string()))?;
+        let tensors =
+            candle_core::safetensors::load(path, proxy.device()).map_err(|e| err(e.to_string()))?;
         let vars = proxy.vars();
         for (name, t) in &tensors {
             match vars.get(name) {

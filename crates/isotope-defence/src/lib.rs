@@ -12,11 +12,13 @@
 //! → at serving time [`ProxyGradient::load`] → [`Antidistill::new`] (shared) →
 //! [`Antidistill::stage`] per sequence → `Sampler::with_adjust`.
 //!
-//! Knows nothing of llama.cpp, HTTP or accounts: the teacher reaches it only as logits
-//! through the sampler, and the decision *whom* to defend against is the caller's.
+//! The defence knows nothing of llama.cpp, HTTP or accounts: the teacher reaches it only
+//! as logits through the sampler, and the decision *whom* to defend against is the
+//! caller's. Only [`eval`] (`isotope eval defences`) drives the real teacher.
 
 pub mod antidistill;
 mod error;
+pub mod eval;
 mod gradient;
 mod vocab;
 

@@ -105,7 +105,12 @@ fn setup() -> (Student, Student, ProxyGradient) {
 fn watermark() -> Box<WatermarkHook> {
     let key = Arc::new(WatermarkKey::from_bytes([7; 32]));
     let scheme: Scheme = "kgw:gamma=0.25,delta=2,h=1".parse().unwrap();
-    Box::new(WatermarkHook::new(key, &scheme, vec![false; VOCAB].into(), false))
+    Box::new(WatermarkHook::new(
+        key,
+        &scheme,
+        vec![false; VOCAB].into(),
+        false,
+    ))
 }
 
 #[test]
@@ -144,12 +149,20 @@ fn lambda_zero_reproduces_plain_sampling_token_for_token() {
 }
 
 /// `⟨ĝ, ∇θ log p(x | prefix)⟩` by autograd, for every x.
-fn autograd_directional(proxy: &Student, dir: &BTreeMap<String, Tensor>, prefix: &[TokenId]) -> Vec<f64> {
+fn autograd_directional(
+    proxy: &Student,
+    dir: &BTreeMap<String, Tensor>,
+    prefix: &[TokenId],
+) -> Vec<f64> {
     (0..VOCAB as TokenId)
         .map(|x| {
             let ids = Tensor::from_slice(prefix, (1, prefix.len()), &Device::Cpu).unwrap();
             let logits = proxy.forward(&ids).unwrap();
-            let last = logits.narrow(1, prefix.len() - 1, 1).unwrap().flatten_all().unwrap();
+            let last = logits
+                .narrow(1, prefix.len() - 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
             let lp = isotope_distill::log_softmax_last(&last.unsqueeze(0).unwrap()).unwrap();
             let lx = lp.narrow(1, x as usize, 1).unwrap().sum_all().unwrap();
             let grads = lx.backward().unwrap();
@@ -157,7 +170,12 @@ fn autograd_directional(proxy: &Student, dir: &BTreeMap<String, Tensor>, prefix:
             for (name, var) in proxy.vars() {
                 if let (Some(gr), Some(d)) = (grads.get(var.as_tensor()), dir.get(name)) {
                     let d = d.to_dtype(DType::F64).unwrap();
-                    dot += (gr * d).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+                    dot += (gr * d)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
                 }
             }
             dot
@@ -199,7 +217,9 @@ fn finite_difference_agrees_with_autograd() {
     };
     let plus = proxy.perturbed(&dir, 1e-4).unwrap();
     let minus = proxy.perturbed(&dir, -1e-4).unwrap();
-    let fast = ad.delta_unnormalised(&last(&plus), &last(&minus), &cands).unwrap();
+    let fast = ad
+        .delta_unnormalised(&last(&plus), &last(&minus), &cands)
+        .unwrap();
     let shift = f64::from(fast[0]) - got[cands[0] as usize];
     for (&c, f) in cands.iter().zip(&fast) {
         let d = f64::from(*f) - got[c as usize] - shift;
@@ -225,7 +245,10 @@ fn defended_text_helps_the_proxy_less() {
     let base = student(1, DType::F32);
     let embd = base.vars()["token_embd.weight"].as_tensor().clone();
     let teacher = base
-        .perturbed(&BTreeMap::from([("token_embd.weight".to_string(), embd)]), 39.0)
+        .perturbed(
+            &BTreeMap::from([("token_embd.weight".to_string(), embd)]),
+            39.0,
+        )
         .unwrap();
     let proxy = student(2, DType::F32);
     let held_out = teacher_outputs(&teacher, &prompts(8, 7), 24);
@@ -265,10 +288,12 @@ fn defended_text_helps_the_proxy_less() {
          {after_plain:.4}, on defended text → {after_defended:.4}",
         LAMBDA_RMS / rms
     );
-    assert!(gain_plain > 0.0, "plain teacher text should help the proxy: {gain_plain}");
+    assert!(
+        gain_plain > 0.0,
+        "plain teacher text should help the proxy: {gain_plain}"
+    );
     assert!(
         gain_defended < 0.5 * gain_plain,
         "defended text helped the proxy {gain_defended:.5} nats, plain text {gain_plain:.5}"
     );
 }
-

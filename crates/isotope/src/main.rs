@@ -1,6 +1,7 @@
 //! `isotope` — the command-line front end. Wiring only: parsing, output formats and
 //! progress; the work happens in the library crates.
 
+mod defence;
 mod distill;
 mod eval;
 mod generate;
@@ -45,6 +46,8 @@ enum Command {
     Keys(serve::KeysArgs),
     /// Distillation: harvest a teacher's API, train a student, evaluate it.
     Distill(distill::DistillArgs),
+    /// Countermeasures: `gradient` (antidistillation proxy gradient), `bench`.
+    Defence(defence::DefenceArgs),
     /// Load-test the HTTP server at several concurrencies, watermark on vs off.
     Loadtest(loadtest::LoadtestArgs),
 }
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => serve::keys(args),
         Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Distill(args) => distill::distill(args),
+        Command::Defence(args) => defence::defence(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -276,6 +276,48 @@ impl Student {
         Ok(())
     }
 
+    /// A copy whose every weight is `w + scale · direction[name]` (a name missing from
+    /// `direction` is copied unchanged; a name the student lacks, or a shape that
+    /// differs, is an error). The copy shares nothing mutable with `self`.
+    ///
+    /// For finite differences along a direction in weight space: antidistillation
+    /// sampling runs the proxy student at `θ ± ε·g`.
+    pub fn perturbed(&self, direction: &BTreeMap<String, Tensor>, scale: f64) -> Result<Self> {
+        if let Some(extra) = direction.keys().find(|k| !self.vars.contains_key(*k)) {
+            return Err(DistillError::Config(format!(
+                "the direction names tensor `{extra}`, which the student lacks"
+            )));
+        }
+        let mut tensors = BTreeMap::new();
+        for (name, var) in &self.vars {
+            let w = var.as_tensor();
+            let t = match direction.get(name) {
+                Some(d) if d.dims() != w.dims() => {
+                    return Err(DistillError::Config(format!(
+                        "direction `{name}` has shape {:?}, the student's weight {:?}",
+                        d.dims(),
+                        w.dims()
+                    )))
+                }
+                Some(d) => d
+                    .to_dtype(self.dtype)
+                    .and_then(|d| d.to_device(&self.device))
+                    .and_then(|d| w + (d * scale)?)
+                    .ctx(format!("perturbing {name}"))?,
+                None => w.copy().ctx(format!("copying {name}"))?,
+            };
+            tensors.insert(name.clone(), t);
+        }
+        Self::from_tensors(self.cfg.clone(), tensors, &self.device)
+    }
+
+    /// The output layer's weight `[vocab, hidden]` (the token embedding when tied):
+    /// `project` is `hidden @ output_weight()^T`, so logits of a few tokens need only
+    /// their rows.
+    pub fn output_weight(&self) -> &Tensor {
+        self.output.as_ref().unwrap_or(&self.tok_embd).as_tensor()
+    }
+
     /// The architecture.
     pub fn config(&self) -> &StudentConfig {
         &self.cfg

@@ -1,4 +1,5 @@
-//! The sampler chain: penalties → temperature → hook bias → truncation → draw.
+//! The sampler chain: penalties → temperature → adjust stages → hook bias → truncation
+//! → draw.
 
 use std::cmp::Ordering;
 
@@ -44,7 +45,8 @@ pub struct Distribution<'a> {
 /// Where a watermark (or any other logits processor) plugs into the sampler without
 /// touching the decode loop.
 ///
-/// The order is fixed: penalties → temperature → [`SamplingHook::bias`] → top-k /
+/// The order is fixed: penalties → temperature → [`LogitAdjust`] stages →
+/// [`SamplingHook::bias`] → top-k /
 /// top-p / min-p → [`SamplingHook::draw`] (or the default inverse-CDF draw). A green-
 /// list scheme biases logits; a distortion-free scheme (Gumbel, tournament) replaces
 /// the draw on the truncated distribution. Greedy decoding (temperature 0) takes the
@@ -69,13 +71,38 @@ pub trait SamplingHook: Send {
     fn on_token(&mut self, _ctx: &StepContext<'_>, _token: TokenId) {}
 }
 
+/// A logit-adjusting stage that runs *before* the hook (the watermark): a defence such
+/// as antidistillation sampling, which reshapes the teacher's distribution.
+///
+/// Why a separate stage rather than a second [`SamplingHook`]: the watermark must be
+/// applied to the *final* distribution. A green-list bias added before another stage
+/// reshapes the logits could be undone or amplified by it, and a distortion-free draw
+/// (Gumbel, SynthID) is only exact for the distribution it is handed; the detector's
+/// null hypothesis does not care what that distribution is, but the watermark's
+/// strength does. So the order is fixed here: penalties → temperature → adjust stages
+/// (in the order they were added) → hook bias → truncation → draw, and an adjust stage
+/// cannot draw.
+///
+/// Stages are infallible by design (the decode loop has no error path per token): a
+/// stage that cannot compute its adjustment leaves the logits unchanged and reports it
+/// its own way.
+pub trait LogitAdjust: Send {
+    /// Adjust the logits, indexed by token id, after penalties and temperature and
+    /// before the hook's bias. Setting an entry to `-inf` removes the token.
+    fn adjust(&mut self, ctx: &StepContext<'_>, logits: &mut [f32]);
+
+    /// Told which token was chosen, after the choice.
+    fn on_token(&mut self, _ctx: &StepContext<'_>, _token: TokenId) {}
+}
+
 /// One sampled token and the log-probabilities that describe its step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     /// The chosen token.
     pub token: TokenId,
     /// Log-probability of `token` under the distribution the sampler truncated: after
-    /// penalties, temperature (1 when greedy) and the hook's bias, before truncation.
+    /// penalties, temperature (1 when greedy), the adjust stages and the hook's bias,
+    /// before truncation.
     pub logprob: f32,
     /// The `top_logprobs` most likely tokens of that same distribution, most likely
     /// first (empty unless asked for).
@@ -88,6 +115,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: RequestRng,
     hook: Option<Box<dyn SamplingHook>>,
+    /// Stages applied, in order, between temperature and the hook.
+    adjust: Vec<Box<dyn LogitAdjust>>,
     /// Scratch: the working logits (dense, by token id).
     work: Vec<f32>,
     /// Scratch: `exp(work - max)`, dense by token id.
@@ -115,6 +144,7 @@ impl Sampler {
             params,
             rng,
             hook: None,
+            adjust: Vec::new(),
             work: Vec::new(),
             weights: Vec::new(),
             cands: Vec::new(),
@@ -127,6 +157,14 @@ impl Sampler {
     /// Attach a hook (e.g. a watermark scheme).
     pub fn with_hook(mut self, hook: Box<dyn SamplingHook>) -> Self {
         self.hook = Some(hook);
+        self
+    }
+
+    /// Append a logit-adjusting stage (e.g. antidistillation sampling). Stages run in
+    /// the order added, after temperature and before the hook, whatever the order of
+    /// `with_hook` and `with_adjust` calls.
+    pub fn with_adjust(mut self, stage: Box<dyn LogitAdjust>) -> Self {
+        self.adjust.push(stage);
         self
     }
 
@@ -154,6 +192,9 @@ impl Sampler {
             let inv_t = 1.0 / self.params.temperature;
             self.work.iter_mut().for_each(|l| *l *= inv_t);
         }
+        for stage in &mut self.adjust {
+            stage.adjust(ctx, &mut self.work);
+        }
         if let Some(hook) = self.hook.as_mut() {
             hook.bias(ctx, &mut self.work);
         }
@@ -176,6 +217,9 @@ impl Sampler {
             let hooked = self.hook.as_mut().and_then(|h| h.draw(ctx, &dist, u));
             hooked.unwrap_or_else(|| inverse_cdf(&dist, u))
         };
+        for stage in &mut self.adjust {
+            stage.on_token(ctx, token);
+        }
         if let Some(hook) = self.hook.as_mut() {
             hook.on_token(ctx, token);
         }
@@ -594,6 +638,33 @@ mod tests {
         assert_eq!(out.token, 2);
         assert!(out.logprob > -1e-3);
         assert_eq!(out.top_logprobs[0].0, 2);
+    }
+
+    /// Records the logits it sees, then removes every token but `keep`.
+    struct OnlyAfter(TokenId, std::sync::Arc<std::sync::Mutex<Vec<f32>>>);
+    impl LogitAdjust for OnlyAfter {
+        fn adjust(&mut self, _: &StepContext<'_>, logits: &mut [f32]) {
+            *self.1.lock().unwrap() = logits.to_vec();
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i != self.0 as usize {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adjust_runs_after_temperature_and_before_the_hook() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logits = [4.0, 2.0, 0.0, 1.0];
+        // The hook is attached first, but the adjust stage still runs before it: the
+        // stage keeps only token 3, and the hook's +100 on token 2 cannot revive it.
+        let mut s = Sampler::new(params(|p| p.temperature = 0.5), 0)
+            .with_hook(Box::new(Boost(2)))
+            .with_adjust(Box::new(OnlyAfter(3, seen.clone())));
+        let out = s.sample(&logits, &EMPTY, 0);
+        assert_eq!(out.token, 3);
+        assert_eq!(*seen.lock().unwrap(), vec![8.0, 4.0, 0.0, 2.0]);
     }
 
     struct PickLast;

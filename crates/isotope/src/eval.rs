@@ -1,4 +1,4 @@
-//! `isotope eval watermark` and `isotope eval common-tuples`: flags and output only;
+//! `isotope eval watermark`, `eval common-tuples` and `eval defences`: flags and output only;
 //! the work is in `isotope-eval`.
 
 use std::path::PathBuf;
@@ -27,6 +27,141 @@ enum EvalCommand {
     /// Build the list of (window, token) tuples common in human text, which detection
     /// leaves out (from the reference split of the data directory).
     CommonTuples(CommonTuplesArgs),
+    /// The trade-off of antidistillation sampling over λ: teacher quality next to the
+    /// quality of a student distilled from the defended answers.
+    Defences(DefencesArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DefencesArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Proxy student (student directory or GGUF); also the students' starting weights.
+    #[arg(long)]
+    antidistill_proxy: PathBuf,
+    /// The proxy's held-out gradient (`isotope defence gradient`).
+    #[arg(long)]
+    antidistill_grad: PathBuf,
+    /// λ values (comma-separated); 0 is the undefended baseline.
+    #[arg(long, value_delimiter = ',', default_value = "0,2,8")]
+    lambdas: Vec<f32>,
+    #[arg(long, default_value_t = 1e-2)]
+    antidistill_eps: f64,
+    #[arg(long, default_value_t = 32)]
+    antidistill_top_k: usize,
+    /// Prompts answered (and trained on) per λ.
+    #[arg(long, default_value_t = 16)]
+    train_prompts: usize,
+    /// Held-out prompts whose undefended answers measure the students.
+    #[arg(long, default_value_t = 8)]
+    heldout_prompts: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Student fine-tuning epochs (the same budget for every λ).
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Student learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0x150_7095)]
+    seed: u64,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Data directory (prompts from self-instruct).
+    #[arg(long, env = "ISOTOPE_DATA")]
+    data: Option<PathBuf>,
+    /// Trade-off plot (PNG): teacher and student perplexity against λ.
+    #[arg(long, default_value = "defences.png")]
+    png: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn defences(a: DefencesArgs) -> Result<()> {
+    use isotope_defence::eval::{evaluate_defences, DefenceEvalConfig};
+    if a.lambdas.is_empty() || a.train_prompts == 0 || a.heldout_prompts == 0 {
+        anyhow::bail!("--lambdas, --train-prompts and --heldout-prompts must not be empty/0");
+    }
+    let data = a.data.clone().unwrap_or_else(default_data_dir);
+    let file = data.join("self-instruct/user_oriented_instructions.jsonl");
+    let (prompts, _) = isotope_distill::read_prompts(&file)
+        .with_context(|| format!("reading prompts from {}", file.display()))?;
+    let need = a.train_prompts + a.heldout_prompts;
+    if prompts.len() < need {
+        anyhow::bail!(
+            "{} has {} prompts, {need} needed",
+            file.display(),
+            prompts.len()
+        );
+    }
+    let texts: Vec<String> = prompts.into_iter().map(|p| p.text).collect();
+    let model = crate::generate::load_model(&a.model)?;
+    let ad = crate::defence::AntidistillArgs {
+        antidistill_proxy: Some(a.antidistill_proxy.clone()),
+        antidistill_grad: Some(a.antidistill_grad.clone()),
+        antidistill_lambda: 1.0,
+        antidistill_eps: a.antidistill_eps,
+        antidistill_top_k: a.antidistill_top_k,
+    };
+    let defence = ad.build(&model)?.expect("proxy given");
+    let (proxy, tok) = crate::defence::load_proxy(&a.antidistill_proxy)?;
+    let cfg = DefenceEvalConfig {
+        lambdas: a.lambdas.clone(),
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        seed: a.seed,
+        concurrency: a.concurrency,
+        threads: a.model.threads,
+        train: isotope_distill::TrainConfig {
+            epochs: a.epochs,
+            lr: a.lr,
+            seed: a.seed,
+            checkpoint_every: 0,
+            ..Default::default()
+        },
+    };
+    let work = tempfile::tempdir()?;
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = evaluate_defences(
+        &model,
+        &proxy,
+        &tok,
+        &defence,
+        &texts[..a.train_prompts],
+        &texts[a.train_prompts..need],
+        &cfg,
+        work.path(),
+        &mut |m| bar.set_message(m.to_owned()),
+    )?;
+    bar.finish_and_clear();
+    isotope_defence::eval::tradeoff_png(&a.png, &report)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("note: {}", report.note);
+    println!(
+        "{} train prompts, {} held-out prompts ({} teacher tokens); student before fine-tuning: ppl {:.2}",
+        report.train_prompts, report.heldout_prompts, report.heldout_tokens, report.student_ppl_before
+    );
+    println!(
+        "{:>8} {:>12} {:>8} {:>12} {:>10}",
+        "lambda", "teacher ppl", "tokens", "student ppl", "train loss"
+    );
+    for p in &report.points {
+        println!(
+            "{:>8} {:>12.3} {:>8} {:>12.3} {:>10.3}",
+            p.lambda, p.teacher_ppl, p.teacher_tokens, p.student_ppl, p.student_train_loss
+        );
+    }
+    println!("plot: {}", a.png.display());
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,6 +230,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     match a.command {
         EvalCommand::Watermark(a) => watermark(a),
         EvalCommand::CommonTuples(a) => common_tuples(a),
+        EvalCommand::Defences(a) => defences(a),
     }
 }
 

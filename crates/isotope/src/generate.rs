@@ -61,6 +61,8 @@ pub struct GenerateArgs {
     /// optional parameters, e.g. `kgw:gamma=0.25,delta=2,h=4,seeding=left`.
     #[arg(long, default_value = "kgw")]
     scheme: String,
+    #[command(flatten)]
+    antidistill: crate::defence::AntidistillArgs,
     /// Print one JSON object (text, token ids, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -71,6 +73,15 @@ struct WatermarkReport {
     /// The scheme applied (greedy turns gumbel/synthid into kgw).
     scheme: String,
     key_id: String,
+}
+
+#[derive(Serialize)]
+struct AntidistillReport {
+    lambda: f32,
+    eps: f64,
+    top_k: usize,
+    /// Mean time inside the antidistillation stage per token.
+    stage_us_per_token: f64,
 }
 
 #[derive(Serialize)]
@@ -86,6 +97,8 @@ struct GenerateReport {
     model: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     watermark: Option<WatermarkReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    antidistill: Option<AntidistillReport>,
 }
 
 fn sampling_params(a: &GenerateArgs, seed: u64) -> Result<SamplingParams> {
@@ -130,6 +143,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if a.watermark_key.is_some() {
             bail!("--watermark-key is not supported with a student directory");
         }
+        if a.antidistill.antidistill_proxy.is_some() {
+            bail!("--antidistill-proxy is not supported with a student directory");
+        }
         return crate::distill::generate_student(crate::distill::StudentGenerate {
             dir: &a.model.model,
             prompt: &a.prompt,
@@ -160,8 +176,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .chat_tokens(&messages)
             .context("rendering the chat prompt (pass --raw to skip the template)")?
     };
+    let defence = a.antidistill.build(&model)?;
     let greedy = params.is_greedy();
     let mut sampler = Sampler::new(params, 0);
+    if let Some(d) = &defence {
+        // Runs before the watermark hook whatever the call order (see LogitAdjust).
+        sampler = sampler.with_adjust(Box::new(d.stage()));
+    }
     let mut watermark = None;
     if let Some(key) = &key {
         let hook = WatermarkHook::new(
@@ -220,6 +241,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             seed,
             model: model.path().display().to_string(),
             watermark,
+            antidistill: defence.as_ref().map(|d| AntidistillReport {
+                lambda: d.config().lambda,
+                eps: d.config().eps,
+                top_k: d.config().top_k,
+                stage_us_per_token: d.stats().micros_per_step(),
+            }),
         };
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -2,6 +2,7 @@
 //! progress; the work happens in the library crates.
 
 mod audit;
+mod defence;
 mod distill;
 mod eval;
 mod generate;
@@ -47,6 +48,8 @@ enum Command {
     Keys(serve::KeysArgs),
     /// Distillation: harvest a teacher's API, train a student, evaluate it.
     Distill(distill::DistillArgs),
+    /// Countermeasures: `gradient` (antidistillation proxy gradient), `bench`.
+    Defence(defence::DefenceArgs),
     /// Load-test the HTTP server at several concurrencies, watermark on vs off.
     Loadtest(loadtest::LoadtestArgs),
     /// Radioactivity audits: a corpus (`text`), a suspect model (`model`), a bundle (`verify`).
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Distill(args) => distill::distill(args),
         Command::Audit(args) => audit::audit(args),
         Command::Sentinel(args) => sentinel::sentinel(args),
+        Command::Defence(args) => defence::defence(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

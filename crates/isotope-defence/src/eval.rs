@@ -1,0 +1,336 @@
+//! `isotope eval defences`: the trade-off of antidistillation sampling over λ, measured
+//! with the real teacher (llama.cpp through `isotope-engine`) and the real distillation
+//! trainer (`isotope_distill::train`).
+//!
+//! For each λ: the teacher answers the same training prompts with the defence at λ
+//! (same sampling seeds); **teacher quality** is the perplexity of those answers under
+//! the *undefended* teacher (what an ordinary user loses); a student starting from the
+//! same weights is fine-tuned on them with the same budget, and **student quality** is
+//! its perplexity on held-out *undefended* teacher answers to other prompts (what a
+//! distiller gains). λ = 0 is the undefended baseline.
+//!
+//! The responses are generated locally through the engine, not harvested from
+//! `isotope serve`: the server does not run the defence yet.
+//!
+//! This is the one module of the crate that touches llama.cpp (the teacher); the
+//! defence itself does not.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use isotope_distill::{train, Dataset, Example, Student, StudentTokenizer, TrainConfig};
+use isotope_engine::{BatchConfig, Batcher, ChatMessage, Event, GenerationRequest, Model};
+use isotope_sampling::{Sampler, SamplingParams, TokenId};
+use serde::Serialize;
+
+use crate::antidistill::Antidistill;
+use crate::error::{DefenceError, Result};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct DefenceEvalConfig {
+    pub lambdas: Vec<f32>,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    /// Sequences decoded at once.
+    pub concurrency: usize,
+    pub threads: Option<usize>,
+    /// The student's training budget (the same for every λ).
+    pub train: TrainConfig,
+}
+
+/// One λ of the trade-off.
+#[derive(Clone, Debug, Serialize)]
+pub struct DefencePoint {
+    pub lambda: f32,
+    /// Perplexity of the defended answers under the undefended teacher.
+    pub teacher_ppl: f64,
+    /// Response tokens those answers hold.
+    pub teacher_tokens: usize,
+    /// The student's perplexity on held-out undefended teacher answers.
+    pub student_ppl: f64,
+    /// The student's final training loss.
+    pub student_train_loss: f64,
+    /// Sequences on which the defence gave up (should be 0).
+    pub defence_failures: u64,
+}
+
+/// The whole evaluation.
+#[derive(Clone, Debug, Serialize)]
+pub struct DefenceEvalReport {
+    pub points: Vec<DefencePoint>,
+    /// The student before any fine-tuning, on the same held-out answers.
+    pub student_ppl_before: f64,
+    pub train_prompts: usize,
+    pub heldout_prompts: usize,
+    pub heldout_tokens: usize,
+    pub note: &'static str,
+}
+
+/// Where the responses came from.
+pub const NOTE: &str = "responses generated locally through the engine with the defence \
+on (the server does not run antidistillation sampling yet); student = the proxy's weights \
+fine-tuned with sft on each λ's answers, same budget";
+
+/// Prompt tokens (the teacher's chat template) of each prompt text.
+fn chat_prompts(model: &Model, prompts: &[String]) -> Result<Vec<Vec<TokenId>>> {
+    prompts
+        .iter()
+        .map(|p| {
+            model
+                .chat_tokens(&[ChatMessage::new("user", p.clone())])
+                .map_err(|e| DefenceError::Config(format!("chat template: {e}")))
+        })
+        .collect()
+}
+
+/// The teacher's answers (token ids, end-of-generation excluded) to `prompts`, with the
+/// defence at `lambda` when given.
+fn answers(
+    model: &Model,
+    prompts: &[Vec<TokenId>],
+    defence: Option<(&Arc<Antidistill>, f32)>,
+    cfg: &DefenceEvalConfig,
+) -> Result<Vec<Vec<TokenId>>> {
+    let eng = |e: isotope_engine::EngineError| DefenceError::Config(format!("engine: {e}"));
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut batcher = Batcher::new(
+        model,
+        BatchConfig {
+            slots: cfg.concurrency.max(1),
+            ctx_per_slot: (longest + cfg.max_tokens + 8) as u32,
+            threads: cfg.threads,
+            ..BatchConfig::default()
+        },
+    )
+    .map_err(eng)?;
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut ids = std::collections::HashMap::new();
+    let (mut next, mut done) = (0usize, 0usize);
+    while done < prompts.len() {
+        while next < prompts.len() && batcher.has_free_slot() {
+            let params = SamplingParams {
+                temperature: cfg.temperature,
+                seed: cfg.seed.wrapping_add(next as u64),
+                ..SamplingParams::default()
+            };
+            let mut sampler = Sampler::new(params, 0);
+            if let Some((d, lambda)) = defence {
+                sampler = sampler.with_adjust(Box::new(d.stage_with_lambda(lambda)));
+            }
+            let id = batcher
+                .submit(GenerationRequest {
+                    prompt: prompts[next].clone(),
+                    sampler,
+                    max_tokens: Some(cfg.max_tokens),
+                    stop: Vec::new(),
+                    top_logprobs: 0,
+                })
+                .map_err(eng)?;
+            ids.insert(id, next);
+            next += 1;
+        }
+        for ev in batcher.step().map_err(eng)? {
+            match ev {
+                Event::Token { seq, sampled, .. } => {
+                    if !model.is_eog(sampled.token) {
+                        out[ids[&seq]].push(sampled.token);
+                    }
+                }
+                Event::Finished { .. } => done += 1,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mean negative log-likelihood (nats/token) of each answer under the teacher.
+fn teacher_nll(
+    model: &Model,
+    prompts: &[Vec<TokenId>],
+    answers: &[Vec<TokenId>],
+    threads: Option<usize>,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (p, a) in prompts.iter().zip(answers) {
+        if a.is_empty() {
+            continue;
+        }
+        let ids: Vec<TokenId> = p.iter().chain(a).copied().collect();
+        let scores = model
+            .score(&ids, 0, threads)
+            .map_err(|e| DefenceError::Config(format!("scoring: {e}")))?;
+        for s in &scores[p.len() - 1..] {
+            sum -= f64::from(s.logprob);
+            n += 1;
+        }
+    }
+    Ok((sum / n.max(1) as f64, n))
+}
+
+fn dataset(prompts: &[Vec<TokenId>], answers: &[Vec<TokenId>], end: Option<TokenId>) -> Dataset {
+    Dataset {
+        examples: prompts
+            .iter()
+            .zip(answers)
+            .enumerate()
+            .map(|(i, (p, a))| {
+                let mut tokens: Vec<TokenId> = p.iter().chain(a).copied().collect();
+                tokens.extend(end);
+                Example {
+                    prompt_len: p.len(),
+                    teacher: vec![None; tokens.len() - p.len()],
+                    tokens,
+                    line: i + 1,
+                }
+            })
+            .collect(),
+        warnings: Vec::new(),
+    }
+}
+
+/// The student's mean NLL on the response tokens of `data`.
+fn student_nll(student: &Student, data: &Dataset) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for ex in &data.examples {
+        let lp = student.score(&ex.tokens)?;
+        for l in &lp[ex.prompt_len - 1..] {
+            sum -= f64::from(*l);
+            n += 1;
+        }
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Run the evaluation. `proxy` is both the defence's proxy and the students' starting
+/// point; `work` receives one student directory per λ. `progress` gets a short status.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_defences(
+    model: &Model,
+    proxy: &Student,
+    tokenizer: &StudentTokenizer,
+    defence: &Arc<Antidistill>,
+    train_prompts: &[String],
+    heldout_prompts: &[String],
+    cfg: &DefenceEvalConfig,
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<DefenceEvalReport> {
+    let end = tokenizer.token_id(isotope_distill::CHATML_END);
+    let train_p = chat_prompts(model, train_prompts)?;
+    let held_p = chat_prompts(model, heldout_prompts)?;
+    progress("held-out teacher answers");
+    let held_a = answers(model, &held_p, None, cfg)?;
+    let held = dataset(&held_p, &held_a, end);
+    let before = student_nll(proxy, &held)?;
+    let mut points = Vec::new();
+    for &lambda in &cfg.lambdas {
+        progress(&format!("λ={lambda}: teacher answers"));
+        let failures0 = defence.stats().failures();
+        let a = answers(model, &train_p, Some((defence, lambda)), cfg)?;
+        let failures = defence.stats().failures() - failures0;
+        let (t_nll, t_tokens) = teacher_nll(model, &train_p, &a, cfg.threads)?;
+        progress(&format!("λ={lambda}: training the student"));
+        let student = proxy.perturbed(&Default::default(), 0.0)?;
+        let dir = work.join(format!("student-lambda-{lambda}"));
+        let report = train(
+            &student,
+            &dataset(&train_p, &a, end),
+            Some(tokenizer),
+            &cfg.train,
+            &dir,
+            &mut |_| {},
+        )?;
+        let s_nll = student_nll(&student, &held)?;
+        points.push(DefencePoint {
+            lambda,
+            teacher_ppl: t_nll.exp(),
+            teacher_tokens: t_tokens,
+            student_ppl: s_nll.exp(),
+            student_train_loss: report.final_loss,
+            defence_failures: failures,
+        });
+    }
+    Ok(DefenceEvalReport {
+        points,
+        student_ppl_before: before.exp(),
+        train_prompts: train_prompts.len(),
+        heldout_prompts: heldout_prompts.len(),
+        heldout_tokens: held_a.iter().map(Vec::len).sum(),
+        note: NOTE,
+    })
+}
+
+/// The trade-off as a PNG: over λ (x axis, as given), the teacher's perplexity (red)
+/// and the student's held-out perplexity (blue), each divided by its value at the
+/// first λ (the baseline), so both share one axis. No text (plotters' text needs a
+/// font a fresh machine lacks); the numbers are in the table / JSON.
+pub fn tradeoff_png(path: &Path, report: &DefenceEvalReport) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| DefenceError::Config(format!("drawing {}: {e}", path.display()));
+    let pts = &report.points;
+    if pts.is_empty() {
+        return Err(err("no points".into()));
+    }
+    let rel = |f: &dyn Fn(&DefencePoint) -> f64| -> Vec<(f64, f64)> {
+        let base = f(&pts[0]).max(1e-12);
+        pts.iter()
+            .map(|p| (f64::from(p.lambda), f(p) / base))
+            .collect()
+    };
+    let teacher = rel(&|p| p.teacher_ppl);
+    let student = rel(&|p| p.student_ppl);
+    let x_max = teacher.iter().map(|p| p.0).fold(1e-6, f64::max);
+    let y_max = teacher
+        .iter()
+        .chain(&student)
+        .map(|p| p.1)
+        .filter(|y| y.is_finite())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .margin(20)
+        .build_cartesian_2d(0.0..x_max * 1.05, 0.0..y_max)
+        .map_err(|e| err(e.to_string()))?;
+    // Grid: tenths of the x range; y lines at every 0.25 of the baseline ratio.
+    let grid = RGBColor(225, 225, 225);
+    for i in 0..=10 {
+        let x = x_max * f64::from(i) / 10.0;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, 0.0), (x, y_max)],
+                grid.stroke_width(1),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let mut y = 0.0;
+    while y <= y_max {
+        let colour = if (y - 1.0f64).abs() < 1e-9 {
+            RGBColor(120, 120, 120)
+        } else {
+            grid
+        };
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(0.0, y), (x_max * 1.05, y)],
+                colour.stroke_width(1),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+        y += 0.25;
+    }
+    for (series, colour) in [
+        (teacher, RGBColor(200, 40, 40)),
+        (student, RGBColor(30, 70, 190)),
+    ] {
+        chart
+            .draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .draw_series(series.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))
+}

@@ -36,7 +36,7 @@ fn student(seed: u64, dtype: DType) -> Student {
 fn prompts(n: usize, salt: u64) -> Vec<Vec<TokenId>> {
     (0..n as u64)
         .map(|i| {
-            let mut x = (i + 1) * 0x9E37_79B9 ^ salt;
+            let mut x = ((i + 1) * 0x9E37_79B9) ^ salt;
             let len = 4 + (x % 8) as usize;
             (0..len)
                 .map(|_| {

@@ -100,10 +100,8 @@ pub fn check_settings(settings: &SentinelSettings) -> anyhow::Result<()> {
         }
     }
     if let Some(url) = &settings.webhook_url {
-        if !url.starts_with("http://") {
-            anyhow::bail!(
-                "sentinel.webhook_url must be an http:// URL (this build has no TLS client), got {url}"
-            );
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!("sentinel.webhook_url must be an http:// or https:// URL, got {url}");
         }
     }
     Ok(())

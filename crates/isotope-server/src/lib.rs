@@ -191,13 +191,16 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .merge(admin)
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(middleware::from_fn(track))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Probes and scrapes are added after the layers, so they are neither traced
+        // nor counted: a readiness probe polls /health every second or so, and while
+        // the model loads each of its 503s would otherwise be an ERROR log line.
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .with_state(state)
 }
 
@@ -205,12 +208,7 @@ pub fn router(state: AppState) -> Router {
 async fn track(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let route = match path.as_str() {
-        "/v1/chat/completions"
-        | "/v1/completions"
-        | "/v1/models"
-        | "/health"
-        | "/metrics"
-        | "/admin/alerts" => path,
+        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/admin/alerts" => path,
         _ => "other".to_owned(),
     };
     let start = Instant::now();

@@ -15,7 +15,7 @@ use isotope_audit::{
 };
 use isotope_distill::{Device, HarvestConfig, Student};
 use isotope_engine::{LoadOptions, Model};
-use isotope_watermark::{CommonTuples, WatermarkKey};
+use isotope_watermark::{CommonTuples, Scheme, WatermarkKey};
 use serde_json::json;
 
 use crate::watermark::{common_list, excluded, load_key, parse_scheme};
@@ -312,6 +312,16 @@ fn text(a: TextArgs) -> Result<()> {
 
 fn model(a: ModelAuditArgs) -> Result<()> {
     let s = setup(&a.common)?;
+    if matches!(s.scoring.scheme, Scheme::Unigram { .. }) {
+        // Unigram has one green list for every position, i.e. one window seed: reading
+        // mode could score a single tuple and the prompts' windows would exclude all of
+        // it. The result would be valid but could never be significant.
+        bail!(
+            "`audit model` cannot test the unigram scheme (one fixed green list: every \
+             position shares the same window seed, so at most one tuple could be scored); \
+             use `audit text` on the suspect's outputs, or a context scheme such as kgw"
+        );
+    }
     let is_url = a.suspect.starts_with("http://") || a.suspect.starts_with("https://");
     let parameters = json!({
         "suspect": a.suspect,

@@ -219,6 +219,19 @@ fn audit_model_reading_mode_and_bad_input() {
         .arg(&k1));
     assert_ne!(code, 0);
     assert!(stderr.contains("--prompts"), "{stderr}");
+    // Unigram shares one window seed across all positions: refused, with the way out.
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "model", "--scheme", "unigram", "--suspect"])
+        .arg(&student)
+        .arg("--texts")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("unigram") && stderr.contains("audit text"),
+        "{stderr}"
+    );
     let (code, _, stderr) = run(isotope()
         .args(["audit", "text", "--watermark-key"])
         .arg(&k1)

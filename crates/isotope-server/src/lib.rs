@@ -128,7 +128,7 @@ pub fn read_key(path: &Path) -> anyhow::Result<Arc<WatermarkKey>> {
         }
     }
     let key = WatermarkKey::parse_file(&text)
-        .with_context(|| format!("watermark key file {}", path.display()))?;
+        .with_context(|| format!("invalid watermark key file {}", path.display()))?;
     Ok(Arc::new(key))
 }
 

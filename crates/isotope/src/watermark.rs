@@ -13,25 +13,10 @@ use serde_json::json;
 
 use crate::ModelArgs;
 
-/// Read a key file, warning when other users may read it.
+/// Read a key file, warning when other users may read it (the server's reader: one
+/// place for the permission check and the error texts).
 pub fn load_key(path: &Path) -> Result<Arc<WatermarkKey>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read watermark key file {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    "watermark key file is readable by other users; run `chmod 600` on it"
-                );
-            }
-        }
-    }
-    let key = WatermarkKey::parse_file(&text)
-        .with_context(|| format!("invalid watermark key file {}", path.display()))?;
-    Ok(Arc::new(key))
+    isotope_server::read_key(path)
 }
 
 /// Parse `--scheme`.

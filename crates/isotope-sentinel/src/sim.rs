@@ -58,17 +58,26 @@ pub enum Strategy {
     Sybil,
     /// Harvest requests mixed into an ordinary chat user's traffic.
     Cover,
+    /// Soft labels on the cheap: short answers (`max_tokens` 1–64) with
+    /// `logprobs` and `top_logprobs` 5–20 on nearly every request, raw dataset prompts,
+    /// human-like pacing in waking hours. Little text, many distributions.
+    SoftLabel,
+    /// An ordinary chat user's account that also runs a slow soft-label harvest
+    /// (short answers, top-k logprobs) a few requests an hour.
+    SoftCover,
 }
 
 impl Strategy {
     /// All strategies.
-    pub const ALL: [Strategy; 6] = [
+    pub const ALL: [Strategy; 8] = [
         Strategy::Bulk,
         Strategy::TopicSweep,
         Strategy::Paraphrase,
         Strategy::SlowLow,
         Strategy::Sybil,
         Strategy::Cover,
+        Strategy::SoftLabel,
+        Strategy::SoftCover,
     ];
 
     /// The label string.
@@ -80,6 +89,8 @@ impl Strategy {
             Strategy::SlowLow => "slow_low",
             Strategy::Sybil => "sybil",
             Strategy::Cover => "cover",
+            Strategy::SoftLabel => "soft_label",
+            Strategy::SoftCover => "soft_cover",
         }
     }
 }
@@ -96,6 +107,10 @@ pub struct BenignMix {
     pub students: usize,
     /// Benign batch jobs: daily templated runs of hundreds of requests.
     pub batch_jobs: usize,
+    /// Researchers running benchmark evaluations (GSM8K, Self-Instruct): bursts of
+    /// short-answer requests, often with `logprobs`/`top_logprobs` (up to 20) or `n > 1`
+    /// — benign accounts that look like soft-label harvesting for a while.
+    pub evaluators: usize,
     /// Share of benign accounts behind a shared office address (groups of 3–30).
     pub office_share: f64,
 }
@@ -107,6 +122,7 @@ impl Default for BenignMix {
             developers: 150,
             students: 150,
             batch_jobs: 20,
+            evaluators: 30,
             office_share: 0.08,
         }
     }
@@ -160,9 +176,10 @@ impl Default for Scenario {
 
 impl Scenario {
     /// The default mixed scenario over 48 hours on the evaluation prompt split:
-    /// 1,280 benign accounts (about 1,020 active in the window, enough for a
-    /// meaningful Clopper–Pearson bound on FPR) and six harvesting strategies (100
-    /// harvesting accounts, 60 of them three Sybil groups of 20 keys).
+    /// 1,310 benign accounts (about 1,050 active in the window) and eight harvesting
+    /// strategies (116 harvesting accounts, 60 of them three Sybil groups of 20 keys).
+    /// For a tight Clopper–Pearson bound on FPR, evaluate `scaled(3.0)` (about 3,150
+    /// active benign accounts).
     pub fn default_mixed() -> Self {
         let h = |strategy, accounts, budget: [u32; 2], rate: [f64; 2]| HarvestSpec {
             strategy,
@@ -185,6 +202,8 @@ impl Scenario {
                 h(Strategy::SlowLow, 8, [300, 1500], [8.0, 30.0]),
                 h(Strategy::Sybil, 3, [2000, 4000], [200.0, 800.0]),
                 h(Strategy::Cover, 8, [60, 160], [2.0, 5.0]),
+                h(Strategy::SoftLabel, 8, [400, 2000], [20.0, 90.0]),
+                h(Strategy::SoftCover, 8, [100, 600], [4.0, 20.0]),
             ],
         }
     }
@@ -206,6 +225,7 @@ impl Scenario {
         self.benign.developers = s(self.benign.developers);
         self.benign.students = s(self.benign.students);
         self.benign.batch_jobs = s(self.benign.batch_jobs);
+        self.benign.evaluators = s(self.benign.evaluators);
         for h in &mut self.harvest {
             h.accounts = s(h.accounts);
         }
@@ -474,6 +494,16 @@ const REASONING_SUFFIXES: &[&str] = &[
     "Explain your reasoning.",
 ];
 
+/// Short-answer formats: benchmark evaluations use them, and so do soft-label
+/// harvesters (a few tokens, each with its top-k distribution).
+const SHORT_SUFFIXES: &[&str] = &[
+    "Answer with the final number only.",
+    "Reply with just the answer.",
+    "Answer in one word.",
+    "Give only the final answer, no explanation.",
+    "Respond with a single short phrase.",
+];
+
 const FOLLOW_UPS: &[&str] = &[
     "Can you make it shorter?",
     "Thanks! Could you give me another example?",
@@ -724,6 +754,7 @@ enum Persona {
     Developer,
     Student,
     Batch,
+    Evaluator,
 }
 
 struct Ctx<'a> {
@@ -750,6 +781,18 @@ impl Ctx<'_> {
     }
 }
 
+/// Request options some chat front-ends set: alternatives (`n > 1`) or token
+/// confidences (`logprobs`).
+#[derive(Default)]
+struct ChatExtras {
+    /// Share of requests asking for 2–3 alternatives.
+    p_n: f64,
+    /// Share of requests asking for logprobs (when `top_logprobs` is set).
+    p_logprobs: f64,
+    /// `top_logprobs` asked for.
+    top_logprobs: Option<u32>,
+}
+
 /// A conversation session: a first question, then follow-ups after think times.
 #[allow(clippy::too_many_arguments)]
 fn chat_session(
@@ -762,6 +805,7 @@ fn chat_session(
     max_tokens: Option<u32>,
     median_answer: f64,
     end: f64,
+    extras: &ChatExtras,
 ) -> f64 {
     let mut msgs = vec![("user".to_string(), first)];
     for i in 0..=follow_ups {
@@ -769,6 +813,12 @@ fn chat_session(
             break;
         }
         let completion = answer_len(rng, median_answer);
+        let lp = extras.top_logprobs.is_some() && rng.chance(extras.p_logprobs);
+        let n = if rng.chance(extras.p_n) {
+            2 + rng.below(2) as u32
+        } else {
+            1
+        };
         b.push(
             acc,
             t,
@@ -777,9 +827,9 @@ fn chat_session(
                 chat: Some(&msgs),
                 plain: None,
                 max_tokens,
-                logprobs: false,
-                top_logprobs: None,
-                n: 1,
+                logprobs: lp,
+                top_logprobs: if lp { extras.top_logprobs } else { None },
+                n,
                 temperature: Some(0.7),
                 completion,
             },
@@ -806,10 +856,24 @@ fn benign_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, pers
                 .lognormal(if student { 1.2 } else { 1.0 }, 0.7)
                 .min(10.0);
             let p_reason = if student { 0.6 } else { rng.uniform(0.0, 0.2) };
-            let max_tokens = if rng.chance(0.4) {
+            // some people want long-form writing: large max_tokens, long answers
+            let long_form = !student && rng.chance(0.1);
+            let max_tokens = if long_form {
+                *rng.pick(&[Some(2048), Some(4096), None])
+            } else if rng.chance(0.4) {
                 Some(*rng.pick(&[256, 512, 1024, 2048, 4096]))
             } else {
                 None
+            };
+            // front-ends that show alternatives (n > 1) or token confidences (logprobs)
+            let extras = ChatExtras {
+                p_n: if rng.chance(0.08) {
+                    rng.uniform(0.1, 0.6)
+                } else {
+                    0.0
+                },
+                p_logprobs: rng.uniform(0.3, 1.0),
+                top_logprobs: rng.chance(0.03).then(|| *rng.pick(&[1, 3, 5])),
             };
             let mut weights = DIURNAL;
             if student {
@@ -828,8 +892,14 @@ fn benign_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, pers
                         q
                     };
                     let k = (rng.exp(if student { 2.0 } else { 1.3 }) as usize).min(8);
-                    let median = if student { 220.0 } else { 180.0 };
-                    t = chat_session(b, rng, acc, t, q, k, max_tokens, median, end);
+                    let median = if student {
+                        220.0
+                    } else if long_form {
+                        550.0
+                    } else {
+                        180.0
+                    };
+                    t = chat_session(b, rng, acc, t, q, k, max_tokens, median, end, &extras);
                     t += rng.lognormal(60_000.0, 1.0);
                 }
             }
@@ -863,7 +933,7 @@ fn benign_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, pers
                             plain: (!chat).then_some(prompt.as_str()),
                             max_tokens,
                             logprobs: lp,
-                            top_logprobs: lp.then(|| *rng.pick(&[1, 3, 5, 10])),
+                            top_logprobs: lp.then(|| *rng.pick(&[1, 3, 5, 10, 20])),
                             n: if uses_n && rng.chance(0.3) {
                                 2 + rng.below(3) as u32
                             } else {
@@ -916,6 +986,79 @@ fn benign_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, pers
                 day += 1.0;
             }
         }
+        Persona::Evaluator => {
+            // benchmark runs: a contiguous slice of one source in one prompt format,
+            // started in working hours, sent sequentially by a script
+            let math = rng.chance(0.7);
+            let pool = if math {
+                &ctx.pools.math
+            } else {
+                &ctx.pools.tasks
+            };
+            let cot = rng.chance(0.3);
+            let suffix = if cot {
+                *rng.pick(REASONING_SUFFIXES)
+            } else {
+                *rng.pick(SHORT_SUFFIXES)
+            };
+            let max_tokens = if cot {
+                *rng.pick(&[256, 512, 1024])
+            } else {
+                *rng.pick(&[1, 4, 8, 16, 32, 64])
+            };
+            let top_k = rng
+                .chance(0.5)
+                .then(|| *rng.pick(&[1, 5, 10, 20]));
+            let n = if rng.chance(0.15) {
+                *rng.pick(&[4, 5, 8])
+            } else {
+                1
+            };
+            let items = 50 + rng.below(450);
+            let runs = 1 + rng.below(3);
+            let same_items = rng.chance(0.5);
+            let gap = rng.uniform(300.0, 4_000.0);
+            let chat = rng.chance(0.6);
+            let days = (ctx.sc.hours / 24.0).ceil().max(1.0) as usize;
+            let mut offset = rng.below(pool.len());
+            for _ in 0..runs {
+                let local = rng.uniform(9.0, 20.0);
+                let mut t = ctx.sc.start_ms as f64
+                    + rng.below(days) as f64 * DAY
+                    + (local - tz).rem_euclid(24.0) * HOUR;
+                for i in 0..items {
+                    if t >= end {
+                        break;
+                    }
+                    let prompt = format!("{}\n\n{suffix}", pool[(offset + i) % pool.len()]);
+                    let msgs = [("user".to_string(), prompt.clone())];
+                    let completion = if cot {
+                        answer_len(rng, 200.0)
+                    } else {
+                        answer_len(rng, 6.0)
+                    };
+                    b.push(
+                        acc,
+                        t,
+                        None,
+                        Req {
+                            chat: chat.then_some(&msgs[..]),
+                            plain: (!chat).then_some(prompt.as_str()),
+                            max_tokens: Some(max_tokens),
+                            logprobs: top_k.is_some(),
+                            top_logprobs: top_k,
+                            n,
+                            temperature: Some(if n > 1 { 0.7 } else { 0.0 }),
+                            completion,
+                        },
+                    );
+                    t += rng.lognormal(gap, 0.3) + completion as f64 * 8.0;
+                }
+                if !same_items {
+                    offset = rng.below(pool.len());
+                }
+            }
+        }
     }
 }
 
@@ -934,10 +1077,12 @@ struct Harvest {
 
 impl Harvest {
     fn draw(rng: &mut Rng, spec: &HarvestSpec) -> Self {
+        let soft = matches!(spec.strategy, Strategy::SoftLabel | Strategy::SoftCover);
         let logprobs = match spec.strategy {
             Strategy::Bulk => rng.chance(0.5),
             Strategy::TopicSweep | Strategy::Paraphrase | Strategy::Sybil => rng.chance(0.3),
             Strategy::SlowLow | Strategy::Cover => false,
+            Strategy::SoftLabel | Strategy::SoftCover => true,
         };
         let templates = (0..1 + rng.below(2))
             .map(|_| *rng.pick(SWEEP_TEMPLATES))
@@ -946,7 +1091,11 @@ impl Harvest {
             rate: rng.uniform(spec.rate_per_hour[0], spec.rate_per_hour[1]),
             budget: rng.uniform(spec.budget[0] as f64, spec.budget[1] as f64 + 1.0) as usize,
             logprobs,
-            top_k: *rng.pick(&[5, 10, 20]),
+            top_k: if soft {
+                *rng.pick(&[5, 10, 20, 20])
+            } else {
+                *rng.pick(&[5, 10, 20])
+            },
             n: if spec.strategy == Strategy::Bulk && rng.chance(0.2) {
                 4
             } else {
@@ -954,7 +1103,9 @@ impl Harvest {
             },
             templates,
             // many harvesters leave max_tokens unset (the server default applies)
-            max_tokens: if rng.chance(if spec.strategy == Strategy::SlowLow {
+            max_tokens: if soft {
+                Some(*rng.pick(&[1, 2, 4, 8, 16, 32, 64]))
+            } else if rng.chance(if spec.strategy == Strategy::SlowLow {
                 0.5
             } else {
                 0.3
@@ -963,8 +1114,8 @@ impl Harvest {
             } else {
                 Some(*rng.pick(&[1024, 2048, 4096]))
             },
-            fake_turns: if spec.strategy == Strategy::SlowLow {
-                0.3
+            fake_turns: if matches!(spec.strategy, Strategy::SlowLow | Strategy::SoftLabel) {
+                rng.uniform(0.0, 0.3)
             } else {
                 rng.uniform(0.0, 0.2)
             },
@@ -996,6 +1147,15 @@ impl Harvest {
             Strategy::Sybil if self.templates.len() > 1 => {
                 (self.templates[0].replace("{x}", &item), 520.0)
             }
+            // raw items, half of them with a short-answer instruction; the answer is
+            // cut at max_tokens anyway
+            Strategy::SoftLabel | Strategy::SoftCover => {
+                if rng.chance(0.5) {
+                    (format!("{item}\n\n{}", rng.pick(SHORT_SUFFIXES)), 40.0)
+                } else {
+                    (item, 250.0)
+                }
+            }
             _ => {
                 let q = if is_math && rng.chance(0.5) {
                     with_reasoning(rng, &item)
@@ -1024,15 +1184,20 @@ fn harvest_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, spe
     let mut t = ctx.sc.start_ms as f64 + rng.uniform(0.0, 0.4) * ctx.sc.hours * HOUR;
     let mean_gap = HOUR / h.rate.max(0.1);
     match spec.strategy {
-        Strategy::Cover => {
+        Strategy::Cover | Strategy::SoftCover => {
             // an ordinary chat user…
             benign_account(ctx, b, rng, acc, Persona::Chat);
             // …who also harvests a few requests an hour in waking hours
+            let style = if spec.strategy == Strategy::Cover {
+                Strategy::Bulk
+            } else {
+                Strategy::SoftLabel
+            };
             let mut i = 0;
             while t < end && i < h.budget {
                 let local = ((t - ctx.sc.start_ms as f64) / HOUR).rem_euclid(24.0);
                 if (7.0..23.0).contains(&local) {
-                    let (p, median) = h.prompt(rng, Strategy::Bulk, ctx.pools, i, &order);
+                    let (p, median) = h.prompt(rng, style, ctx.pools, i, &order);
                     let msgs = vec![("user".to_string(), p)];
                     b.push(acc, t, None, harvest_req(rng, &h, &msgs, true, median));
                     i += 1;
@@ -1042,10 +1207,11 @@ fn harvest_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, spe
         }
         _ => {
             let mut i = 0;
-            let active_hours = if spec.strategy == Strategy::SlowLow {
-                rng.uniform(14.0, 24.0)
-            } else {
-                24.0
+            let active_hours = match spec.strategy {
+                Strategy::SlowLow => rng.uniform(14.0, 24.0),
+                // a person at a keyboard (or a script made to look like one)
+                Strategy::SoftLabel => rng.uniform(10.0, 18.0),
+                _ => 24.0,
             };
             let sleep_from = rng.uniform(0.0, 24.0);
             while t < end && i < h.budget {
@@ -1073,6 +1239,7 @@ fn harvest_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, spe
                 t += match spec.strategy {
                     // human-looking jitter around the mean
                     Strategy::SlowLow => rng.lognormal(mean_gap, 0.6),
+                    Strategy::SoftLabel => rng.lognormal(mean_gap, 0.8),
                     _ => mean_gap * rng.uniform(0.5, 1.5),
                 };
             }
@@ -1193,6 +1360,7 @@ pub fn simulate(sc: &Scenario, seed: u64) -> Result<Simulated, SimError> {
         (Persona::Developer, sc.benign.developers),
         (Persona::Student, sc.benign.students),
         (Persona::Batch, sc.benign.batch_jobs),
+        (Persona::Evaluator, sc.benign.evaluators),
     ] {
         who.extend((0..n).map(|_| Who::Benign(p)));
     }
@@ -1233,7 +1401,7 @@ pub fn simulate(sc: &Scenario, seed: u64) -> Result<Simulated, SimError> {
         match w {
             Who::Benign(p) => {
                 let ua = match p {
-                    Persona::Developer => arng.pick(SDK_UAS).to_string(),
+                    Persona::Developer | Persona::Evaluator => arng.pick(SDK_UAS).to_string(),
                     Persona::Batch => arng.pick(&SDK_UAS[3..]).to_string(),
                     _ => arng.pick(BROWSER_UAS).to_string(),
                 };
@@ -1254,7 +1422,12 @@ pub fn simulate(sc: &Scenario, seed: u64) -> Result<Simulated, SimError> {
             }
             Who::Harvest(hi) => {
                 let spec = &sc.harvest[*hi];
-                let ua = if spec.strategy == Strategy::Cover || arng.chance(0.3) {
+                let browser = match spec.strategy {
+                    Strategy::Cover | Strategy::SoftCover => 1.0,
+                    Strategy::SoftLabel => 0.4,
+                    _ => 0.3,
+                };
+                let ua = if arng.chance(browser) {
                     arng.pick(BROWSER_UAS).to_string()
                 } else {
                     arng.pick(SDK_UAS).to_string()

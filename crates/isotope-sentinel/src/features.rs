@@ -13,7 +13,7 @@ use crate::embed::{cosine_q, distance_q, mmd2_rbf, Quantized};
 use crate::sketch::{BandRing, Decayed, Moments, Reservoir, LSH_BANDS};
 
 /// Number of features.
-pub const NF: usize = 24;
+pub const NF: usize = 27;
 
 /// Feature names, in vector order; used in reasons and reports.
 pub const FEATURE_NAMES: [&str; NF] = [
@@ -41,7 +41,42 @@ pub const FEATURE_NAMES: [&str; NF] = [
     "log_keys",
     "share_error",
     "share_followup_short_gap",
+    "log_soft_labels",
+    "log_soft_labels_24h",
+    "log_active_slots",
 ];
+
+/// Features the risk can only rise with (the model's weight on each is constrained
+/// to be ≥ 0): volume, rates, output per input, soft-label requests (logprobs,
+/// top-k, n > 1, long answers, their cumulative volume), template reuse, keys, and
+/// persistence. A simulator whose benign
+/// developers reuse templates or ask for logprobs cannot teach the model that these
+/// *lower* risk.
+pub const MONOTONE: [&str; 14] = [
+    "log_rate_1h",
+    "log_rate_24h",
+    "log_requests",
+    "log_completion_tokens_24h",
+    "share_logprobs",
+    "share_top_logprobs",
+    "share_n_gt1",
+    "share_long",
+    "template_reuse",
+    "log_keys",
+    "log_soft_labels",
+    "log_soft_labels_24h",
+    "log_active_slots",
+    "out_in_ratio",
+];
+
+/// `MONOTONE` as a per-feature mask.
+pub fn monotone_mask() -> [bool; NF] {
+    let mut m = [false; NF];
+    for (i, name) in FEATURE_NAMES.iter().enumerate() {
+        m[i] = MONOTONE.contains(name);
+    }
+    m
+}
 
 /// One feature vector (an account's or a cluster's).
 pub type Features = [f64; NF];
@@ -140,6 +175,12 @@ pub struct AccountState {
     errors: u32,
     short_followups: u32,
     ratio_sum: f64,
+    /// Soft labels asked for: Σ completion tokens × n × max(top_logprobs, 1) over
+    /// requests with `logprobs`.
+    soft_labels: f64,
+    soft_24h: Decayed,
+    /// Distinct ten-minute slots with activity (persistence).
+    active_slots: u32,
     template_hits: u32,
     prompts: u32,
     ring: BandRing,
@@ -181,6 +222,9 @@ impl AccountState {
             errors: 0,
             short_followups: 0,
             ratio_sum: 0.0,
+            soft_labels: 0.0,
+            soft_24h: Decayed::default(),
+            active_slots: 0,
             template_hits: 0,
             prompts: 0,
             ring: BandRing::new(cfg.band_ring_prompts),
@@ -224,6 +268,11 @@ impl AccountState {
         self.multi_turn += (ev.turns > 1) as u32;
         self.errors += (ev.status >= 400) as u32;
         self.ratio_sum += ((out_tokens + 1.0) / (ev.prompt_tokens as f64 + 1.0)).ln();
+        if ev.logprobs {
+            let soft = out_tokens * ev.top_logprobs.unwrap_or(0).max(1) as f64;
+            self.soft_labels += soft;
+            self.soft_24h.add(soft, t, DAY_MS);
+        }
         let kh = crate::sketch::hash_bytes(ev.api_key_id.as_bytes(), 5);
         if self.keys.len() < 16 && !self.keys.contains(&kh) {
             self.keys.push(kh);
@@ -236,6 +285,9 @@ impl AccountState {
         }
         let back = self.activity_slot - slot;
         if (0..64).contains(&back) {
+            if self.activity & (1 << back) == 0 {
+                self.active_slots += 1;
+            }
             self.activity |= 1 << back;
         }
 
@@ -337,6 +389,9 @@ pub struct Sums {
     errors: f64,
     short_followups: f64,
     ratio_sum: f64,
+    soft_labels: f64,
+    soft_24h: f64,
+    active_slots: f64,
     template_hits: f64,
     prompts: f64,
     min_dist_mean: f64,
@@ -375,6 +430,11 @@ impl Sums {
         self.errors += a.errors as f64;
         self.short_followups += a.short_followups as f64;
         self.ratio_sum += a.ratio_sum;
+        self.soft_labels += a.soft_labels;
+        self.soft_24h += a.soft_24h.get(now_ms, DAY_MS);
+        // a cluster is as persistent as its most persistent member (a shared office
+        // NAT must not add its members' hours up)
+        self.active_slots = self.active_slots.max(a.active_slots as f64);
         self.template_hits += a.template_hits as f64;
         self.prompts += a.prompts as f64;
         if a.min_dist.count() >= 1.0 {
@@ -468,6 +528,9 @@ impl Sums {
         f[21] = self.keys.max(1.0).ln();
         f[22] = share(self.errors);
         f[23] = share(self.short_followups);
+        f[24] = self.soft_labels.ln_1p();
+        f[25] = self.soft_24h.ln_1p();
+        f[26] = self.active_slots.ln_1p();
         f
     }
 
@@ -660,6 +723,33 @@ mod tests {
         // the templated sweep repeats topics: near duplicates, small minimum distances
         assert!(ft[15] > fd[15] && ft[16] < fd[16]);
         assert!(ft[18] < fd[18], "diversity {} vs {}", ft[18], fd[18]);
+    }
+
+    #[test]
+    fn soft_labels_count_tokens_times_top_k_and_slots_count_once() {
+        let ev: Vec<_> = (0..10)
+            .map(|i| {
+                let mut e = event(1, i * 60_000, TOPICS[i as usize % 8]);
+                e.completion_tokens = 4;
+                e.logprobs = i < 5;
+                e.top_logprobs = (i < 5).then_some(20);
+                e.n = if i == 0 { 2 } else { 1 };
+                e
+            })
+            .collect();
+        let f = run(&ev);
+        // 4 tokens × 20 × (2 + 1 + 1 + 1 + 1) requests' choices = 480
+        assert!((f[24] - 480f64.ln_1p()).abs() < 1e-9, "{}", f[24]);
+        assert!(f[25] <= f[24] && f[25] > 0.99 * f[24]);
+        // ten minutes apart from 0 to 9 minutes: one slot
+        assert!((f[26] - 2f64.ln()).abs() < 1e-9, "{}", f[26]);
+        let spread: Vec<_> = (0..10)
+            .map(|i| event(1, i * 3_600_000, TOPICS[0]))
+            .collect();
+        assert!((run(&spread)[26] - 11f64.ln()).abs() < 1e-9);
+        let mask = monotone_mask();
+        assert!(mask[8] && mask[24] && !mask[12]);
+        assert_eq!(mask.iter().filter(|&&m| m).count(), MONOTONE.len());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Features, Reference, FEATURE_NAMES, NF};
+use crate::features::{monotone_mask, Features, Reference, FEATURE_NAMES, NF};
 
 /// The policy level: one definition, in `isotope-store` (where an operator's per-key
 /// level is kept as its text), shared with the server that enforces it.
@@ -138,6 +138,15 @@ impl Model {
         {
             return Err("model features do not match this build's feature list".into());
         }
+        if let Some(i) = (0..NF).find(|&i| monotone_mask()[i] && self.weights[i] < 0.0) {
+            return Err(format!(
+                "model weight on {} is negative: risk must not fall as it grows",
+                FEATURE_NAMES[i]
+            ));
+        }
+        if self.scale.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+            return Err("model feature scales must be positive".into());
+        }
         Ok(())
     }
 
@@ -179,12 +188,28 @@ pub const L2: f64 = 1.0;
 /// are rescaled so each class has total weight 1 — the sim's class ratio is not the
 /// real one, and thresholds are calibrated separately anyway. Returns
 /// `(mean, scale, weights, bias)`.
-#[allow(clippy::needless_range_loop)] // dense linear algebra reads best with indexes
 pub fn fit_logistic(
     rows: &[Features],
     labels: &[bool],
     w: &[f64],
     l2: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
+    fit_logistic_monotone(rows, labels, w, l2, &[false; NF])
+}
+
+/// [`fit_logistic`] with the weights of features in `nonneg` constrained to be ≥ 0
+/// (the score is then non-decreasing in each of them). Active-set Newton: a
+/// constrained weight that a step would make negative is held at 0; once converged,
+/// a held weight whose gradient says the loss would fall if it grew is released;
+/// repeated until no weight changes set (the loss is convex, so this reaches the
+/// constrained optimum).
+#[allow(clippy::needless_range_loop)] // dense linear algebra reads best with indexes
+pub fn fit_logistic_monotone(
+    rows: &[Features],
+    labels: &[bool],
+    w: &[f64],
+    l2: f64,
+    nonneg: &[bool; NF],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
     let n = rows.len();
     let mut mean = vec![0.0; NF];
@@ -233,7 +258,8 @@ pub fn fit_logistic(
         }
     };
     let mut beta = vec![0.0; d];
-    for _ in 0..30 {
+    let mut held = [false; NF];
+    let gradient_hessian = |beta: &[f64]| {
         let mut g = vec![0.0; d];
         let mut h = vec![vec![0.0; d]; d];
         for i in 0..n {
@@ -260,14 +286,57 @@ pub fn fit_logistic(
             h[j][j] += l2 * 1e-2;
         }
         h[NF][NF] += 1e-9;
-        let step = solve(h, g);
-        let mut max = 0.0f64;
-        for j in 0..d {
-            beta[j] -= step[j];
-            max = max.max(step[j].abs());
+        (g, h)
+    };
+    for _round in 0..4 * NF {
+        for _ in 0..50 {
+            let (mut g, mut h) = gradient_hessian(&beta);
+            // held weights stay at 0: identity rows, zero gradient
+            for j in (0..NF).filter(|&j| held[j]) {
+                for k in 0..d {
+                    h[j][k] = 0.0;
+                    h[k][j] = 0.0;
+                }
+                h[j][j] = 1.0;
+                g[j] = 0.0;
+            }
+            let step = solve(h, g);
+            // a full Newton step, shortened so no constrained weight crosses 0; the
+            // first one to reach 0 is held there
+            let mut t = 1.0f64;
+            let mut stop = None;
+            for j in (0..NF).filter(|&j| nonneg[j] && !held[j]) {
+                let next = beta[j] - step[j];
+                if next < 0.0 && step[j] > 0.0 {
+                    let tj = beta[j] / step[j];
+                    if tj < t {
+                        t = tj;
+                        stop = Some(j);
+                    }
+                }
+            }
+            let mut max = 0.0f64;
+            for j in 0..d {
+                beta[j] -= t * step[j];
+                max = max.max((t * step[j]).abs());
+            }
+            if let Some(j) = stop {
+                beta[j] = 0.0;
+                held[j] = true;
+                continue;
+            }
+            if max < 1e-8 {
+                break;
+            }
         }
-        if max < 1e-8 {
+        // release held weights the loss wants to grow (negative gradient)
+        let (g, _) = gradient_hessian(&beta);
+        let release: Vec<usize> = (0..NF).filter(|&j| held[j] && g[j] < -1e-9).collect();
+        if release.is_empty() {
             break;
+        }
+        for j in release {
+            held[j] = false;
         }
     }
     let bias = beta[NF];
@@ -341,6 +410,82 @@ mod tests {
         hi[0] = 3.0;
         assert!(m.score(&hi) > 0.9 && m.score(&[0.0; NF]) < 0.1);
         assert_eq!(m.reasons(&hi, 3, "account")[0].feature, "log_rate_1h");
+    }
+
+    #[test]
+    fn monotone_fit_holds_constrained_weights_at_or_above_zero() {
+        let mask = monotone_mask();
+        let lp = FEATURE_NAMES
+            .iter()
+            .position(|n| *n == "share_logprobs")
+            .unwrap();
+        let tr = FEATURE_NAMES
+            .iter()
+            .position(|n| *n == "template_reuse")
+            .unwrap();
+        let free = FEATURE_NAMES
+            .iter()
+            .position(|n| *n == "share_reasoning")
+            .unwrap();
+        assert!(mask[lp] && mask[tr] && !mask[free]);
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..600 {
+            let mut f = [0.0; NF];
+            let pos = i % 3 == 0;
+            let noise = |k: usize| ((i * k) % 97) as f64 / 97.0;
+            f[0] = if pos { 1.5 } else { 0.0 } + noise(37);
+            // in this (simulated) sample harvesters ask for logprobs *less*…
+            f[lp] = if pos { 0.1 } else { 0.4 } + 0.3 * noise(53);
+            // …and reuse templates more
+            f[tr] = if pos { 0.6 } else { 0.2 } + 0.3 * noise(61);
+            // an unconstrained feature pointing down stays free to
+            f[free] = if pos { 0.0 } else { 0.5 } + 0.3 * noise(71);
+            rows.push(f);
+            labels.push(pos);
+        }
+        let wts = vec![1.0; rows.len()];
+        let (_, _, w_free, _) = fit_logistic(&rows, &labels, &wts, L2);
+        assert!(
+            w_free[lp] < -0.1,
+            "unconstrained fit goes negative: {}",
+            w_free[lp]
+        );
+        let (mean, scale, w, b) = fit_logistic_monotone(&rows, &labels, &wts, L2, &mask);
+        for j in 0..NF {
+            if mask[j] {
+                assert!(w[j] >= 0.0, "{}: {}", FEATURE_NAMES[j], w[j]);
+            }
+        }
+        assert_eq!(w[lp], 0.0);
+        assert!(w[tr] > 0.1 && w[0] > 0.1, "{w:?}");
+        assert!(w[free] < -0.1, "{w:?}");
+        // the constrained optimum: no held weight wants to grow, nothing diverged
+        assert!(w.iter().all(|x| x.is_finite()) && b.is_finite());
+
+        let mut m = Model::untrained("x".into(), Reference::default());
+        m.mean = mean;
+        m.scale = scale;
+        m.weights = w;
+        m.bias = b;
+        m.validate().unwrap();
+        // the score never falls as a monotone feature rises, whatever the rest is
+        for i in 0..200 {
+            let mut f = rows[i];
+            for j in (0..NF).filter(|&j| mask[j]) {
+                let before = m.score(&f);
+                f[j] += 0.1 + (i % 7) as f64;
+                assert!(
+                    m.score(&f) >= before,
+                    "{} lowered the score",
+                    FEATURE_NAMES[j]
+                );
+            }
+        }
+        // a model file that breaks the rule is refused
+        let mut bad = m.clone();
+        bad.weights[lp] = -0.5;
+        assert!(bad.validate().unwrap_err().contains("share_logprobs"));
     }
 
     #[test]

@@ -1006,9 +1006,7 @@ fn benign_account(ctx: &Ctx, b: &mut Builder, rng: &mut Rng, acc: &Account, pers
             } else {
                 *rng.pick(&[1, 4, 8, 16, 32, 64])
             };
-            let top_k = rng
-                .chance(0.5)
-                .then(|| *rng.pick(&[1, 5, 10, 20]));
+            let top_k = rng.chance(0.5).then(|| *rng.pick(&[1, 5, 10, 20]));
             let n = if rng.chance(0.15) {
                 *rng.pick(&[4, 5, 8])
             } else {

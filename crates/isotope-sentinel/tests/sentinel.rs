@@ -8,16 +8,13 @@ use isotope_sentinel::{
     evaluate, simulate, train, Level, Scenario, Sentinel, SentinelConfig, Simulated, TrainConfig,
 };
 
-fn small_training() -> TrainConfig {
-    TrainConfig {
-        scenario: Scenario::training().scaled(0.25),
-        ..TrainConfig::default()
-    }
-}
-
+/// The shipped (embedded) model on a seed and prompt split it never saw. (A model
+/// re-trained here on a quarter of the traffic would calibrate its 0.1% threshold on
+/// ~260 benign accounts — the single highest score plus a margin — and say more about
+/// that than about the recipe.)
 #[test]
 fn held_out_seed_and_split_separates_harvesting_from_benign() {
-    let model = Arc::new(train(&small_training()).expect("train"));
+    let model = isotope_sentinel::default_model().expect("built-in model");
     // evaluation: another seed and the disjoint prompt split
     let sim = simulate(&Scenario::default_mixed().scaled(0.25), 2024).expect("simulate");
     let r = evaluate(&sim.events, &sim.labels, model);
@@ -115,4 +112,29 @@ fn online_api_levels_and_assess() {
     assert!(!top.reasons.is_empty());
     assert_eq!(s.level(-1), Level::Observe);
     assert!(s.bytes_per_account() < 64.0 * 1024.0);
+}
+
+/// The built-in model is embedded as JSON (no training at server start). It must be
+/// exactly what the training recipe produces from this build's simulator and
+/// features; when this fails, refresh it with
+/// `isotope sentinel train --out crates/isotope-sentinel/src/default_model.json`.
+#[test]
+fn embedded_model_is_what_the_training_recipe_produces() {
+    let embedded = isotope_sentinel::default_model().expect("embedded model");
+    let fresh = train(&TrainConfig::default()).expect("train");
+    assert_eq!(embedded.features, fresh.features);
+    assert_eq!(embedded.trained_on, fresh.trained_on);
+    let close = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-9 * (1.0 + x.abs()))
+    };
+    assert!(
+        close(&embedded.weights, &fresh.weights),
+        "weights differ: retrain"
+    );
+    assert!(close(&embedded.mean, &fresh.mean) && close(&embedded.scale, &fresh.scale));
+    assert!((embedded.bias - fresh.bias).abs() < 1e-9);
+    assert!((embedded.thresholds.flag - fresh.thresholds.flag).abs() < 1e-9);
+    assert_eq!(embedded.reference.vectors, fresh.reference.vectors);
 }

@@ -81,7 +81,7 @@ pub struct SentinelSettings {
     /// Watch every usage event and apply the sentinel's levels (default on).
     pub enabled: bool,
     /// A trained sentinel model (JSON, as written by `isotope sentinel train`); default:
-    /// the built-in model, trained on simulated traffic at start-up.
+    /// the built-in model (trained on simulated traffic, embedded in the binary).
     pub model: Option<PathBuf>,
     /// Replace the model's calibrated flag threshold (a probability; the higher levels
     /// keep their fixed logit steps above it). For experiments and tests: the

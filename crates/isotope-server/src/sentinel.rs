@@ -107,9 +107,9 @@ pub fn check_settings(settings: &SentinelSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the sentinel on the current runtime: with `model`, or once the built-in
-/// model is trained (a few seconds, off the runtime). A failure to train is logged and
-/// leaves the sentinel off; requests are never affected.
+/// Starts the sentinel on the current runtime: with `model`, or once the configured or
+/// built-in (embedded) model is loaded, off the runtime. A failure to load is logged
+/// and leaves the sentinel off; requests are never affected.
 pub fn spawn(
     worker: SentinelWorker,
     model: Option<Arc<Model>>,

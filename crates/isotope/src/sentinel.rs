@@ -1,5 +1,5 @@
-//! `isotope sentinel simulate|eval|score|train`: wiring to `isotope-sentinel` and the
-//! store. Simulated traffic goes to a JSONL events file (`{"event", "label"}` per
+//! `isotope sentinel simulate|eval|score|train|bench`: wiring to `isotope-sentinel` and
+//! the store. Simulated traffic goes to a JSONL events file (`{"event", "label"}` per
 //! line); `eval` replays such a file; `score` replays a live store's usage events.
 
 use std::collections::BTreeMap;
@@ -50,6 +50,27 @@ enum SentinelCommand {
         #[arg(long)]
         events: PathBuf,
         /// Sentinel model (JSON); default: the built-in one.
+        #[arg(long, conflicts_with = "leave_one_out")]
+        model: Option<PathBuf>,
+        /// Leave-one-strategy-out: for each harvesting strategy S in the file, train
+        /// the built-in recipe (tuning split, its own seeds) without S, calibrate, and
+        /// report how it does on S (and the benign FPR of that model).
+        #[arg(long)]
+        leave_one_out: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Throughput and memory: replay events through one sentinel on one core and
+    /// print events scored per second and bytes per account.
+    Bench {
+        /// Events file; default: the built-in mixed scenario (seed 2024) simulated.
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// Multiply the simulated scenario's populations by this.
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Sentinel model (JSON); default: the built-in one.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Print one JSON object instead of text.
@@ -72,8 +93,9 @@ enum SentinelCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Train the built-in model (deterministic) and write it as JSON, for
-    /// `[sentinel] model` or `--model`.
+    /// Train the built-in recipe from scratch (simulated traffic on the tuning prompt
+    /// split; deterministic, about a minute) and write the model as JSON, for
+    /// `[sentinel] model`, `--model`, or to refresh the embedded built-in model.
     Train {
         /// Model file to write.
         #[arg(long)]
@@ -93,8 +115,21 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
         SentinelCommand::Eval {
             events,
             model,
+            leave_one_out,
             json,
-        } => eval(events, model, json),
+        } => {
+            if leave_one_out {
+                loo(events, json)
+            } else {
+                eval(events, model, json)
+            }
+        }
+        SentinelCommand::Bench {
+            events,
+            scale,
+            model,
+            json,
+        } => bench(events, scale, model, json),
         SentinelCommand::Score {
             db,
             model,
@@ -102,8 +137,12 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
             json,
         } => score(db, model, top, json),
         SentinelCommand::Train { out } => {
-            let model = load_model(None)?;
-            let text = serde_json::to_string(&*model).context("serialising the model")?;
+            let bar = spinner("training the sentinel model on simulated traffic");
+            let model = isotope_sentinel::train(&isotope_sentinel::TrainConfig::default());
+            bar.finish_and_clear();
+            let model = model.context("training")?;
+            let mut text = serde_json::to_string(&model).context("serialising the model")?;
+            text.push('\n');
             std::fs::write(&out, text)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("wrote {} ({})", out.display(), model.trained_on);
@@ -134,12 +173,7 @@ fn load_model(path: Option<PathBuf>) -> Result<Arc<Model>> {
                 .with_context(|| format!("sentinel model {}", p.display()))?;
             Ok(Arc::new(m))
         }
-        None => {
-            let bar = spinner("training the built-in sentinel model on simulated traffic");
-            let m = isotope_sentinel::default_model().map_err(anyhow::Error::msg);
-            bar.finish_and_clear();
-            m
-        }
+        None => isotope_sentinel::default_model().map_err(anyhow::Error::msg),
     }
 }
 
@@ -212,8 +246,8 @@ fn simulate(
     Ok(())
 }
 
-fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
-    let text = std::fs::read_to_string(&events)
+fn read_events(events: &PathBuf) -> Result<Simulated> {
+    let text = std::fs::read_to_string(events)
         .with_context(|| format!("cannot read events file {}", events.display()))?;
     let sim = Simulated::from_jsonl(&text)
         .map_err(anyhow::Error::msg)
@@ -227,6 +261,93 @@ fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
             events.display()
         );
     }
+    Ok(sim)
+}
+
+fn loo(events: PathBuf, json: bool) -> Result<()> {
+    let sim = read_events(&events)?;
+    let tc = isotope_sentinel::TrainConfig::default();
+    let t = Instant::now();
+    let bar = spinner("training one model per left-out strategy");
+    let r = isotope_sentinel::leave_one_out(&tc, &sim);
+    bar.finish_and_clear();
+    let r = r.context("leave-one-strategy-out")?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["mode"] = json!("leave_one_out");
+        v["seconds"] = json!(t.elapsed().as_secs_f64());
+        println!("{v}");
+        return Ok(());
+    }
+    let f = |x: Option<f64>, d: usize| x.map_or("-".into(), |x| format!("{x:.d$}"));
+    println!(
+        "leave-one-strategy-out on {} ({} benign accounts); each row: a model trained without that strategy",
+        events.display(),
+        r.benign_accounts
+    );
+    println!(
+        "{:<12} {:>8} {:>7} {:>9} {:>7} {:>10} {:>8} {:>8}",
+        "held out", "accounts", "TPR", "TPR(all)", "AUC", "req→flag", "FPR", "FPR≤"
+    );
+    for e in &r.entries {
+        println!(
+            "{:<12} {:>8} {:>7.3} {:>9.3} {:>7} {:>10} {:>8.4} {:>8.4}",
+            e.strategy,
+            e.accounts,
+            e.tpr,
+            e.tpr_trained_on_all,
+            f(e.auc, 3),
+            f(e.median_requests_until_flagged, 0),
+            e.fpr,
+            e.fpr_upper95
+        );
+    }
+    println!("mean held-out TPR {:.3}", r.mean_tpr);
+    Ok(())
+}
+
+fn bench(
+    events: Option<PathBuf>,
+    scale: Option<f64>,
+    model: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let sim = match &events {
+        Some(p) => read_events(p)?,
+        None => {
+            let mut sc = Scenario::default_mixed();
+            if let Some(f) = scale {
+                if !(f > 0.0 && f.is_finite()) {
+                    bail!("--scale must be a positive number, got {f}");
+                }
+                sc = sc.scaled(f);
+            }
+            isotope_sentinel::simulate(&sc, DEFAULT_SIM_SEED).context("simulating")?
+        }
+    };
+    let model = load_model(model)?;
+    let bar = spinner("scoring events on one core");
+    let r = isotope_sentinel::bench(&sim.events, model);
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_value(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} events from {} accounts on one core: {:.0} events/s (incl. {} re-scores); \
+         re-scoring every account once: {:.3} s; {:.0} bytes per account",
+        r.events,
+        r.accounts,
+        r.events_per_sec_per_core,
+        r.rescored,
+        r.assess_all_seconds,
+        r.bytes_per_account
+    );
+    Ok(())
+}
+
+fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
+    let sim = read_events(&events)?;
     let model = load_model(model)?;
     let t = Instant::now();
     let pb = bar(sim.events.len(), "events");

@@ -470,8 +470,8 @@ mod tests {
         m.bias = b;
         m.validate().unwrap();
         // the score never falls as a monotone feature rises, whatever the rest is
-        for i in 0..200 {
-            let mut f = rows[i];
+        for (i, row) in rows.iter().enumerate().take(200) {
+            let mut f = *row;
             for j in (0..NF).filter(|&j| mask[j]) {
                 let before = m.score(&f);
                 f[j] += 0.1 + (i % 7) as f64;

@@ -138,3 +138,73 @@ fn embedded_model_is_what_the_training_recipe_produces() {
     assert!((embedded.thresholds.flag - fresh.thresholds.flag).abs() < 1e-9);
     assert_eq!(embedded.reference.vectors, fresh.reference.vectors);
 }
+
+/// The finding of the last round: a templated account asking top-20 logprobs with
+/// 4-token answers scored like one asking for nothing. With the soft-label features
+/// constrained to raise risk, asking for logprobs can only raise an account's score,
+/// and it raises it measurably (odds × 2 or more). It does not make an 80-second burst
+/// of 80 requests a flag: benign benchmark runs look the same, and the model waits
+/// for persistence (measured: 0.0027 → 0.0090 for 4 tokens, flag at 0.985).
+#[test]
+fn asking_for_soft_labels_never_lowers_the_score() {
+    let model = isotope_sentinel::default_model().unwrap();
+    let run = |max_tokens: u32, top: Option<u32>| {
+        let mut s = Sentinel::new(SentinelConfig::with_model(model.clone()));
+        let mut last = None;
+        for i in 0..80i64 {
+            let prompt = format!(
+                "Explain topic number {i} in detail. Give a thorough, step by step answer with examples."
+            );
+            let ev = isotope_store::UsageEvent {
+                id: 0,
+                request_id: format!("r{i}"),
+                account_id: 1,
+                api_key_id: "ik_1".into(),
+                created_at_ms: 1_700_000_000_000 + i * 1000,
+                endpoint: "/v1/chat/completions".into(),
+                model: "m".into(),
+                prompt_text: Some(prompt.clone()),
+                prompt_hash: String::new(),
+                turns: 1,
+                completion_text: None,
+                completion_hash: None,
+                prompt_tokens: 30,
+                completion_tokens: max_tokens,
+                n: 1,
+                logprobs: top.is_some(),
+                top_logprobs: top,
+                max_tokens: Some(max_tokens),
+                temperature: Some(1.0),
+                watermark_scheme: None,
+                watermark_key_id: None,
+                latency_ms: 10,
+                status: 200,
+                finish_reason: Some("length".into()),
+                client_addr: Some("10.9.8.7".into()),
+                user_agent: Some("python-requests/2.31.0".into()),
+                user: None,
+                policy: None,
+                partial: false,
+            };
+            if let Some(a) = s.observe(&ev) {
+                last = Some(a.score);
+            }
+        }
+        last.unwrap()
+    };
+    let short_plain = run(4, None);
+    let short_soft = run(4, Some(20));
+    let long_plain = run(200, None);
+    let long_soft = run(200, Some(20));
+    eprintln!(
+        "80 templated requests 1 s apart: 4 tokens {short_plain:.4} → with top-20 {short_soft:.4}; \
+         200 tokens {long_plain:.4} → with top-20 {long_soft:.4} (flag at {:.4})",
+        model.thresholds.flag
+    );
+    assert!(short_soft >= short_plain && long_soft >= long_plain);
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    assert!(
+        logit(short_soft) - logit(short_plain) > 2f64.ln(),
+        "logprobs barely count: {short_plain} → {short_soft}"
+    );
+}

@@ -13,7 +13,7 @@ use crate::embed::{cosine_q, distance_q, mmd2_rbf, Quantized};
 use crate::sketch::{BandRing, Decayed, Moments, Reservoir, LSH_BANDS};
 
 /// Number of features.
-pub const NF: usize = 27;
+pub const NF: usize = 29;
 
 /// Feature names, in vector order; used in reasons and reports.
 pub const FEATURE_NAMES: [&str; NF] = [
@@ -44,15 +44,18 @@ pub const FEATURE_NAMES: [&str; NF] = [
     "log_soft_labels",
     "log_soft_labels_24h",
     "log_active_slots",
+    "log_rate_10m",
+    "log_soft_labels_1h",
 ];
 
 /// Features the risk can only rise with (the model's weight on each is constrained
 /// to be ≥ 0): volume, rates, output per input, soft-label requests (logprobs,
 /// top-k, n > 1, long answers, their cumulative volume), template reuse, keys, and
-/// persistence. A simulator whose benign
+/// persistence, and short-window intensity (requests in the last ~10 minutes,
+/// soft labels in the last ~hour). A simulator whose benign
 /// developers reuse templates or ask for logprobs cannot teach the model that these
 /// *lower* risk.
-pub const MONOTONE: [&str; 14] = [
+pub const MONOTONE: [&str; 16] = [
     "log_rate_1h",
     "log_rate_24h",
     "log_requests",
@@ -67,6 +70,8 @@ pub const MONOTONE: [&str; 14] = [
     "log_soft_labels_24h",
     "log_active_slots",
     "out_in_ratio",
+    "log_rate_10m",
+    "log_soft_labels_1h",
 ];
 
 /// `MONOTONE` as a per-feature mask.
@@ -81,6 +86,7 @@ pub fn monotone_mask() -> [bool; NF] {
 /// One feature vector (an account's or a cluster's).
 pub type Features = [f64; NF];
 
+const TEN_MIN_MS: f64 = 600_000.0;
 const HOUR_MS: f64 = 3_600_000.0;
 const DAY_MS: f64 = 86_400_000.0;
 
@@ -179,6 +185,10 @@ pub struct AccountState {
     /// requests with `logprobs`.
     soft_labels: f64,
     soft_24h: Decayed,
+    /// Soft labels, decayed with a 1 h time constant (short intense harvests).
+    soft_1h: Decayed,
+    /// Requests, decayed with a 10 min time constant.
+    rate_10m: Decayed,
     /// Distinct ten-minute slots with activity (persistence).
     active_slots: u32,
     template_hits: u32,
@@ -224,6 +234,8 @@ impl AccountState {
             ratio_sum: 0.0,
             soft_labels: 0.0,
             soft_24h: Decayed::default(),
+            soft_1h: Decayed::default(),
+            rate_10m: Decayed::default(),
             active_slots: 0,
             template_hits: 0,
             prompts: 0,
@@ -257,6 +269,7 @@ impl AccountState {
         self.last_ms = self.last_ms.max(t);
         self.rate_1h.add(1.0, t, HOUR_MS);
         self.rate_24h.add(1.0, t, DAY_MS);
+        self.rate_10m.add(1.0, t, TEN_MIN_MS);
         let out_tokens = ev.completion_tokens as f64 * ev.n.max(1) as f64;
         self.tokens_24h.add(out_tokens, t, DAY_MS);
         self.hours[((t.rem_euclid(86_400_000)) / 3_600_000) as usize] += 1;
@@ -272,6 +285,7 @@ impl AccountState {
             let soft = out_tokens * ev.top_logprobs.unwrap_or(0).max(1) as f64;
             self.soft_labels += soft;
             self.soft_24h.add(soft, t, DAY_MS);
+            self.soft_1h.add(soft, t, HOUR_MS);
         }
         let kh = crate::sketch::hash_bytes(ev.api_key_id.as_bytes(), 5);
         if self.keys.len() < 16 && !self.keys.contains(&kh) {
@@ -391,6 +405,8 @@ pub struct Sums {
     ratio_sum: f64,
     soft_labels: f64,
     soft_24h: f64,
+    soft_1h: f64,
+    rate_10m: f64,
     active_slots: f64,
     template_hits: f64,
     prompts: f64,
@@ -432,6 +448,8 @@ impl Sums {
         self.ratio_sum += a.ratio_sum;
         self.soft_labels += a.soft_labels;
         self.soft_24h += a.soft_24h.get(now_ms, DAY_MS);
+        self.soft_1h += a.soft_1h.get(now_ms, HOUR_MS);
+        self.rate_10m += a.rate_10m.get(now_ms, TEN_MIN_MS);
         // a cluster is as persistent as its most persistent member (a shared office
         // NAT must not add its members' hours up)
         self.active_slots = self.active_slots.max(a.active_slots as f64);
@@ -531,6 +549,8 @@ impl Sums {
         f[24] = self.soft_labels.ln_1p();
         f[25] = self.soft_24h.ln_1p();
         f[26] = self.active_slots.ln_1p();
+        f[27] = self.rate_10m.ln_1p();
+        f[28] = self.soft_1h.ln_1p();
         f
     }
 

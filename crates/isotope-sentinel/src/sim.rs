@@ -65,11 +65,16 @@ pub enum Strategy {
     /// An ordinary chat user's account that also runs a slow soft-label harvest
     /// (short answers, top-k logprobs) a few requests an hour.
     SoftCover,
+    /// A short, intense harvest by a script: a templated sweep or raw dataset items at
+    /// 0.3–3 requests a second, hundreds to a few thousand requests, done within
+    /// minutes to a few hours at any hour; usually with top-k logprobs, short-to-medium
+    /// answers (`max_tokens` 16–512). Little persistence, much volume per minute.
+    Burst,
 }
 
 impl Strategy {
     /// All strategies.
-    pub const ALL: [Strategy; 8] = [
+    pub const ALL: [Strategy; 9] = [
         Strategy::Bulk,
         Strategy::TopicSweep,
         Strategy::Paraphrase,
@@ -78,6 +83,7 @@ impl Strategy {
         Strategy::Cover,
         Strategy::SoftLabel,
         Strategy::SoftCover,
+        Strategy::Burst,
     ];
 
     /// The label string.
@@ -91,6 +97,7 @@ impl Strategy {
             Strategy::Cover => "cover",
             Strategy::SoftLabel => "soft_label",
             Strategy::SoftCover => "soft_cover",
+            Strategy::Burst => "burst",
         }
     }
 }
@@ -176,8 +183,8 @@ impl Default for Scenario {
 
 impl Scenario {
     /// The default mixed scenario over 48 hours on the evaluation prompt split:
-    /// 1,310 benign accounts (about 1,050 active in the window) and eight harvesting
-    /// strategies (116 harvesting accounts, 60 of them three Sybil groups of 20 keys).
+    /// 1,310 benign accounts (about 1,050 active in the window) and nine harvesting
+    /// strategies (124 harvesting accounts, 60 of them three Sybil groups of 20 keys).
     /// For a tight Clopper–Pearson bound on FPR, evaluate `scaled(3.0)` (about 3,150
     /// active benign accounts).
     pub fn default_mixed() -> Self {
@@ -204,6 +211,7 @@ impl Scenario {
                 h(Strategy::Cover, 8, [60, 160], [2.0, 5.0]),
                 h(Strategy::SoftLabel, 8, [400, 2000], [20.0, 90.0]),
                 h(Strategy::SoftCover, 8, [100, 600], [4.0, 20.0]),
+                h(Strategy::Burst, 8, [200, 3000], [1000.0, 10000.0]),
             ],
         }
     }
@@ -1071,6 +1079,8 @@ struct Harvest {
     max_tokens: Option<u32>,
     /// Share of requests dressed up as a follow-up in a conversation.
     fake_turns: f64,
+    /// (burst) prompts go through the templates rather than raw.
+    templated: bool,
 }
 
 impl Harvest {
@@ -1081,15 +1091,19 @@ impl Harvest {
             Strategy::TopicSweep | Strategy::Paraphrase | Strategy::Sybil => rng.chance(0.3),
             Strategy::SlowLow | Strategy::Cover => false,
             Strategy::SoftLabel | Strategy::SoftCover => true,
+            Strategy::Burst => rng.chance(0.7),
         };
         let templates = (0..1 + rng.below(2))
             .map(|_| *rng.pick(SWEEP_TEMPLATES))
             .collect();
+        // burst: a templated sweep or raw items (drawn only for bursts, so the other
+        // strategies' random streams are unchanged)
+        let templated = spec.strategy == Strategy::Burst && rng.chance(0.5);
         Harvest {
             rate: rng.uniform(spec.rate_per_hour[0], spec.rate_per_hour[1]),
             budget: rng.uniform(spec.budget[0] as f64, spec.budget[1] as f64 + 1.0) as usize,
             logprobs,
-            top_k: if soft {
+            top_k: if soft || spec.strategy == Strategy::Burst {
                 *rng.pick(&[5, 10, 20, 20])
             } else {
                 *rng.pick(&[5, 10, 20])
@@ -1103,6 +1117,8 @@ impl Harvest {
             // many harvesters leave max_tokens unset (the server default applies)
             max_tokens: if soft {
                 Some(*rng.pick(&[1, 2, 4, 8, 16, 32, 64]))
+            } else if spec.strategy == Strategy::Burst {
+                Some(*rng.pick(&[16, 32, 64, 64, 128, 256, 512]))
             } else if rng.chance(if spec.strategy == Strategy::SlowLow {
                 0.5
             } else {
@@ -1117,6 +1133,7 @@ impl Harvest {
             } else {
                 rng.uniform(0.0, 0.2)
             },
+            templated,
         }
     }
 
@@ -1139,6 +1156,10 @@ impl Harvest {
         let is_math = idx < pools.math.len();
         match strategy {
             Strategy::TopicSweep => {
+                let t = self.templates[i % self.templates.len()];
+                (t.replace("{x}", &item), 520.0)
+            }
+            Strategy::Burst if self.templated => {
                 let t = self.templates[i % self.templates.len()];
                 (t.replace("{x}", &item), 520.0)
             }

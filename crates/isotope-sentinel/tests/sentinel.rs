@@ -144,7 +144,9 @@ fn embedded_model_is_what_the_training_recipe_produces() {
 /// constrained to raise risk, asking for logprobs can only raise an account's score,
 /// and it raises it measurably (odds × 2 or more). It does not make an 80-second burst
 /// of 80 requests a flag: benign benchmark runs look the same, and the model waits
-/// for persistence (measured: 0.0027 → 0.0090 for 4 tokens, flag at 0.985).
+/// for persistence (measured with the model retrained with the `burst` harvester and
+/// the 10-minute / 1-hour intensity features: 0.0041 → 0.0141 for 4 tokens, 0.0365 for
+/// 64 tokens with top-20 — the server test's harvester — flag at 0.988).
 #[test]
 fn asking_for_soft_labels_never_lowers_the_score() {
     let model = isotope_sentinel::default_model().unwrap();
@@ -196,6 +198,13 @@ fn asking_for_soft_labels_never_lowers_the_score() {
     let short_soft = run(4, Some(20));
     let long_plain = run(200, None);
     let long_soft = run(200, Some(20));
+    let mid_soft = run(64, Some(20));
+    eprintln!(
+        "80 templated requests 1 s apart, 64 tokens with top-20: {mid_soft:.4} \
+         (level {:?} at flag 0.1, {:?} at the model's flag)",
+        isotope_sentinel::Thresholds::from_flag(0.1).level(mid_soft),
+        model.thresholds.level(mid_soft)
+    );
     eprintln!(
         "80 templated requests 1 s apart: 4 tokens {short_plain:.4} → with top-20 {short_soft:.4}; \
          200 tokens {long_plain:.4} → with top-20 {long_soft:.4} (flag at {:.4})",

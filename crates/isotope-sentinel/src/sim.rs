@@ -1130,6 +1130,10 @@ impl Harvest {
             },
             fake_turns: if matches!(spec.strategy, Strategy::SlowLow | Strategy::SoftLabel) {
                 rng.uniform(0.0, 0.3)
+            } else if spec.strategy == Strategy::Burst {
+                // a script at 0.3–3 requests a second does not fake conversations (and
+                // "a follow-up seconds after the answer" would give it away at once)
+                0.0
             } else {
                 rng.uniform(0.0, 0.2)
             },

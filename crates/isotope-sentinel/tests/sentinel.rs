@@ -144,9 +144,10 @@ fn embedded_model_is_what_the_training_recipe_produces() {
 /// constrained to raise risk, asking for logprobs can only raise an account's score,
 /// and it raises it measurably (odds × 2 or more). It does not make an 80-second burst
 /// of 80 requests a flag: benign benchmark runs look the same, and the model waits
-/// for persistence (measured with the model retrained with the `burst` harvester and
-/// the 10-minute / 1-hour intensity features: 0.0041 → 0.0141 for 4 tokens, 0.0365 for
-/// 64 tokens with top-20 — the server test's harvester — flag at 0.988).
+/// for persistence; the `burst` harvester and the 10-minute / 1-hour intensity features
+/// did not change that (both got weight 0). Run with `--nocapture` for the scores,
+/// including the server test's harvester (64 tokens, top-20): about 0.05 at 80
+/// requests, where that test's degrade level needs 0.57.
 #[test]
 fn asking_for_soft_labels_never_lowers_the_score() {
     let model = isotope_sentinel::default_model().unwrap();

@@ -28,8 +28,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{now_ms, Caller};
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::openai::{self, Content, Prompt, Usage};
+use crate::policy::ReasoningPolicy;
 use crate::policy::{self, Applied, Shape};
+use crate::reasoning::{self, ReasoningFilter, Segment};
 use crate::scheduler::{Job, JobEvent, SubmitError};
 use crate::{AppState, Engine};
 
@@ -290,6 +293,12 @@ pub async fn completions(
                     "`echo` together with `logprobs` is disabled on this server.",
                 ));
             }
+            if caller.policy.refuse_echo {
+                return Err(ApiError::invalid_param(
+                    "echo",
+                    "`echo` together with `logprobs` is not available for this API key.",
+                ));
+            }
             let m = Arc::clone(&engine.model);
             let ids = prompt.clone();
             let top = k.unwrap_or(0) as usize;
@@ -298,6 +307,31 @@ pub async fn completions(
                 .await
                 .map_err(|e| ApiError::internal("scoring the prompt", e))?
                 .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
+            // The echoed prompt's log-probs get the same treatment as generated ones.
+            let how = logprobs::Obscure {
+                decimals: caller.policy.logprob_decimals,
+                noise: caller.policy.logprob_noise,
+            };
+            let s = if how.is_identity() {
+                s
+            } else {
+                let mut noise = logprobs::Noise::fresh();
+                s.into_iter()
+                    .map(|sc| {
+                        let as_sampled = Sampled {
+                            token: sc.token,
+                            logprob: sc.logprob,
+                            top_logprobs: sc.top,
+                        };
+                        let o = logprobs::obscure(&as_sampled, top, how, &mut noise);
+                        isotope_engine::TokenScore {
+                            token: o.token,
+                            logprob: o.logprob,
+                            top: o.top_logprobs,
+                        }
+                    })
+                    .collect()
+            };
             scores = Some(s);
         }
         echo_data = Some(Echo {
@@ -477,13 +511,19 @@ fn plan(
 /// One choice as it accumulates.
 #[derive(Default)]
 struct ChoiceState {
+    /// The text returned (after the reasoning policy).
     text: String,
+    /// Tokens whose log-probs are returned (all, unless the reasoning policy hid some).
     tokens: Vec<Sampled>,
+    /// Tokens generated (usage counts these, hidden reasoning included).
+    generated: usize,
     finish: Option<FinishReason>,
     error: Option<String>,
-    /// Characters of text before each token (completions `text_offset`).
+    /// Characters of text before each returned token (completions `text_offset`).
     offsets: Vec<usize>,
     chars: usize,
+    /// The reasoning-trace filter, unless the policy returns reasoning whole.
+    filter: Option<ReasoningFilter>,
 }
 
 impl ChoiceState {
@@ -508,9 +548,17 @@ async fn run(
     let n = plan.applied.granted.n as usize;
     let greedy = plan.params.is_greedy();
     let mut scheme_applied = None;
+    // Antidistillation before the watermark: the stage reshapes the teacher's
+    // distribution, the watermark then biases whatever is left (so detection is
+    // unchanged), and the returned log-probs describe the distribution actually
+    // sampled from.
+    let lambda = plan.applied.treatment.antidistill_lambda;
     let samplers: Vec<Sampler> = (0..n)
         .map(|choice| {
-            let sampler = Sampler::new(plan.params.clone(), choice as u64);
+            let mut sampler = Sampler::new(plan.params.clone(), choice as u64);
+            if let (Some(lambda), Some(defence)) = (lambda, &engine.defence) {
+                sampler = sampler.with_adjust(Box::new(defence.stage_with_lambda(lambda)));
+            }
             if !app.cfg.watermark {
                 return sampler;
             }
@@ -544,6 +592,12 @@ async fn run(
         ),
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
     })?;
+    // A template (or a completions prompt) that opens a reasoning section means the
+    // answer starts inside it.
+    let opens_section = plan.applied.treatment.reasoning != ReasoningPolicy::Whole && {
+        let tail = &plan.prompt[plan.prompt.len().saturating_sub(8)..];
+        ReasoningFilter::prompt_opens_section(&engine.model.detokenize(tail))
+    };
     let driver = Driver {
         app: app.clone(),
         model: Arc::clone(&engine.model),
@@ -552,8 +606,15 @@ async fn run(
         scheme: scheme_applied,
         started: Instant::now(),
         started_ms: now_ms(),
-        choices: (0..n).map(|_| ChoiceState::default()).collect(),
+        choices: (0..n)
+            .map(|_| ChoiceState {
+                filter: (plan.applied.treatment.reasoning != ReasoningPolicy::Whole)
+                    .then(|| ReasoningFilter::new(opens_section)),
+                ..ChoiceState::default()
+            })
+            .collect(),
         plan,
+        noise: logprobs::Noise::fresh(),
     };
     if driver.plan.stream {
         let (tx, rx) = mpsc::channel(256);
@@ -586,6 +647,8 @@ struct Driver {
     started_ms: i64,
     choices: Vec<ChoiceState>,
     plan: Plan,
+    /// Noise for returned log-probabilities (policy), fresh per request.
+    noise: logprobs::Noise,
 }
 
 impl Driver {
@@ -647,10 +710,15 @@ impl Driver {
                     }
                 }
             }
-            let out = self.absorb(ev);
-            if let (Sink::Stream(tx), Some(out)) = (&sink, out) {
-                if tx.send(Ok(out)).await.is_err() {
-                    partial = true;
+            let out = self.absorb(ev).await;
+            if let Sink::Stream(tx) = &sink {
+                for chunk in out {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        partial = true;
+                        break;
+                    }
+                }
+                if partial {
                     break;
                 }
             }
@@ -736,39 +804,53 @@ impl Driver {
         }
     }
 
-    /// Fold one engine event into the state; returns the SSE chunk to send, if any.
-    fn absorb(&mut self, ev: JobEvent) -> Option<SseEvent> {
+    /// Fold one engine event into the state; returns the SSE chunks to send (none
+    /// when not streaming).
+    async fn absorb(&mut self, ev: JobEvent) -> Vec<SseEvent> {
         match ev {
             JobEvent::Token {
                 choice,
                 sampled,
                 text,
             } => {
-                let c = &mut self.choices[choice];
-                c.offsets.push(c.chars);
-                c.chars += text.chars().count();
-                c.text.push_str(&text);
-                let want_lp = self.plan.applied.granted.logprobs;
-                let chunk = (!text.is_empty() || want_lp).then(|| match self.plan.endpoint {
-                    Endpoint::Chat => {
-                        let lp =
-                            want_lp.then(|| json!({"content": [self.token_logprob(&sampled)]}));
-                        self.chat_chunk(choice, json!({"content": text}), lp, None)
-                    }
-                    Endpoint::Completions => {
-                        let offset = self.choices[choice].offsets.last().copied().unwrap_or(0);
-                        let lp = want_lp.then(|| {
-                            self.completion_logprobs(std::slice::from_ref(&sampled), &[offset])
-                        });
-                        self.completion_chunk(choice, &text, lp, None)
-                    }
-                });
-                self.choices[choice].tokens.push(sampled);
-                if self.plan.stream {
-                    chunk
+                let granted = &self.plan.applied.granted;
+                let want_lp = granted.logprobs;
+                let sampled = if want_lp {
+                    let t = &self.plan.applied.treatment;
+                    let how = logprobs::Obscure {
+                        decimals: t.logprob_decimals,
+                        noise: t.logprob_noise,
+                    };
+                    logprobs::obscure(
+                        &sampled,
+                        granted.top_logprobs as usize,
+                        how,
+                        &mut self.noise,
+                    )
                 } else {
-                    None
+                    sampled
+                };
+                let c = &mut self.choices[choice];
+                c.generated += 1;
+                let (segments, hidden) = match &mut c.filter {
+                    None => (vec![Segment::Text(text)], false),
+                    Some(f) => {
+                        let out = f.push(&text);
+                        (out.segments, out.hidden)
+                    }
+                };
+                // The token's log-prob entry goes out with its first visible text (or
+                // alone when it has none yet), never for a hidden token.
+                let mut entry = (!hidden).then_some(sampled);
+                let mut out = Vec::new();
+                for seg in segments {
+                    let text = self.segment_text(seg).await;
+                    out.extend(self.emit(choice, &text, entry.take()));
                 }
+                if entry.is_some() {
+                    out.extend(self.emit(choice, "", entry));
+                }
+                out
             }
             JobEvent::Finished {
                 choice,
@@ -776,24 +858,162 @@ impl Driver {
                 text,
                 ..
             } => {
-                let c = &mut self.choices[choice];
-                c.text.push_str(&text);
-                c.chars += text.chars().count();
-                c.finish = Some(reason);
-                (self.plan.stream && !text.is_empty()).then(|| match self.plan.endpoint {
-                    Endpoint::Chat => self.chat_chunk(choice, json!({"content": text}), None, None),
-                    Endpoint::Completions => self.completion_chunk(choice, &text, None, None),
-                })
+                let mut segments = Vec::new();
+                match &mut self.choices[choice].filter {
+                    None => segments.push(Segment::Text(text)),
+                    Some(f) => {
+                        segments.extend(f.push(&text).segments);
+                        segments.extend(f.finish());
+                    }
+                }
+                let mut out = Vec::new();
+                for seg in segments {
+                    let text = self.segment_text(seg).await;
+                    out.extend(self.emit(choice, &text, None));
+                }
+                self.choices[choice].finish = Some(reason);
+                out
             }
             JobEvent::Failed { choice, message } => {
                 self.choices[choice].error = Some(message);
-                None
+                Vec::new()
             }
         }
     }
 
+    /// Append `text` (and a returned token) to a choice; the SSE chunk for it when
+    /// streaming and there is something to send.
+    fn emit(&mut self, choice: usize, text: &str, token: Option<Sampled>) -> Option<SseEvent> {
+        let c = &mut self.choices[choice];
+        let offset = c.chars;
+        c.chars += text.chars().count();
+        c.text.push_str(text);
+        let want_lp = self.plan.applied.granted.logprobs;
+        let lp_token = token.filter(|_| want_lp);
+        if let Some(t) = &lp_token {
+            c.offsets.push(offset);
+            c.tokens.push(t.clone());
+        }
+        if !self.plan.stream || (text.is_empty() && lp_token.is_none()) {
+            return None;
+        }
+        Some(match self.plan.endpoint {
+            Endpoint::Chat => {
+                let lp = lp_token
+                    .as_ref()
+                    .map(|s| json!({"content": [self.token_logprob(s)]}));
+                self.chat_chunk(choice, json!({"content": text}), lp, None)
+            }
+            Endpoint::Completions => {
+                let lp = lp_token
+                    .as_ref()
+                    .map(|s| self.completion_logprobs(std::slice::from_ref(s), &[offset]));
+                self.completion_chunk(choice, text, lp, None)
+            }
+        })
+    }
+
+    /// The text a filtered segment becomes under the reasoning policy.
+    async fn segment_text(&self, seg: Segment) -> String {
+        match seg {
+            Segment::Text(t) => t,
+            Segment::Section(reasoning) => match self.plan.applied.treatment.reasoning {
+                ReasoningPolicy::Whole => {
+                    format!("{}{reasoning}{}", reasoning::OPEN, reasoning::CLOSE)
+                }
+                ReasoningPolicy::Withhold => String::new(),
+                ReasoningPolicy::Summarise => match self.summarise(&reasoning).await {
+                    Ok(summary) => {
+                        format!("{}{}{}", reasoning::OPEN, summary.trim(), reasoning::CLOSE)
+                    }
+                    Err(e) => {
+                        // Failing closed: a summary that cannot be written is withheld.
+                        tracing::warn!("reasoning summary failed, withheld instead: {e}");
+                        metrics::counter!("isotope_reasoning_summary_failures_total").increment(1);
+                        String::new()
+                    }
+                },
+            },
+        }
+    }
+
+    /// The second pass of `summarise`: the model condenses its own reasoning, through
+    /// the same scheduler (batched with everything else) and watermarked like any
+    /// other output. Its tokens are the provider's cost, not counted in `usage`.
+    async fn summarise(&self, reasoning: &str) -> Result<String, String> {
+        const SUMMARY_TOKENS: usize = 64;
+        let engine = self
+            .app
+            .engine
+            .get()
+            .ok_or_else(|| "the engine is not loaded".to_string())?;
+        let model = &engine.model;
+        // Keep the end of a long section: the conclusion is what a summary needs.
+        let budget = engine
+            .scheduler
+            .ctx_per_slot()
+            .saturating_sub(SUMMARY_TOKENS + 96);
+        let mut ids = model.tokenize(reasoning, false, false);
+        if ids.len() > budget {
+            ids.drain(..ids.len() - budget);
+        }
+        let tail = model.detokenize(&ids);
+        let messages = [
+            ChatMessage::new(
+                "system",
+                "You summarise reasoning briefly. Do not solve anything new.".to_string(),
+            ),
+            ChatMessage::new(
+                "user",
+                format!("Summarise this reasoning in at most two sentences:\n\n{tail}"),
+            ),
+        ];
+        let prompt = model.chat_tokens(&messages).map_err(|e| e.to_string())?;
+        if prompt.len() + SUMMARY_TOKENS >= engine.scheduler.ctx_per_slot() {
+            return Err("the reasoning does not fit the context".into());
+        }
+        let params = SamplingParams {
+            temperature: 0.7,
+            seed: self.plan.params.seed ^ 0x5eed_5a11,
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, 0);
+        if self.app.cfg.watermark {
+            sampler = sampler.with_hook(Box::new(WatermarkHook::new(
+                Arc::clone(&self.app.watermark.key),
+                &self.app.watermark.scheme,
+                Arc::clone(&engine.excluded),
+                false,
+            )));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine
+            .scheduler
+            .submit(Job {
+                prompt,
+                samplers: vec![sampler],
+                max_tokens: SUMMARY_TOKENS,
+                stop: Vec::new(),
+                top_logprobs: 0,
+                events: tx,
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                JobEvent::Token { text: t, .. } => text.push_str(&t),
+                JobEvent::Finished { text: t, .. } => {
+                    text.push_str(&t);
+                    return Ok(text);
+                }
+                JobEvent::Failed { message, .. } => return Err(message),
+            }
+        }
+        Err("the engine stopped".into())
+    }
+
     fn usage(&self) -> Usage {
-        let completion: usize = self.choices.iter().map(|c| c.tokens.len()).sum();
+        let completion: usize = self.choices.iter().map(|c| c.generated).sum();
         Usage::new(self.plan.prompt.len(), completion)
     }
 

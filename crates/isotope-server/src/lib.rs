@@ -17,8 +17,10 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod loadgen;
+pub mod logprobs;
 pub mod openai;
 pub mod policy;
+pub mod reasoning;
 pub mod scheduler;
 pub mod sentinel;
 
@@ -50,6 +52,8 @@ pub struct Engine {
     pub scheduler: scheduler::Scheduler,
     /// Control tokens the watermark never biases (from the model's vocabulary).
     pub excluded: ExcludedTokens,
+    /// Antidistillation sampling's shared proxies, when some policy level uses them.
+    pub defence: Option<Arc<isotope_defence::Antidistill>>,
 }
 
 /// The watermark applied to every response.
@@ -303,6 +307,7 @@ pub async fn serve(
     // A configured sentinel model is read now, so a bad file stops the start-up; the
     // built-in one is trained in the background.
     sentinel::check_settings(&cfg.sentinel)?;
+    cfg.check_policy()?;
     let sentinel_model = match (&cfg.sentinel.model, cfg.sentinel.enabled) {
         (Some(_), true) => Some(sentinel::load_model(&cfg.sentinel)?),
         _ => None,
@@ -386,8 +391,23 @@ pub async fn serve(
     let load_started = Instant::now();
     let load_cfg = Arc::clone(&cfg);
     let loaded = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(Arc<Model>, scheduler::Scheduler)> {
+        move || -> anyhow::Result<(Arc<Model>, scheduler::Scheduler, Option<Arc<isotope_defence::Antidistill>>)> {
             let model = Arc::new(Model::load(&load_cfg.model, &LoadOptions::default())?);
+            let defence = match (&load_cfg.defence.proxy, &load_cfg.defence.gradient) {
+                (Some(proxy), Some(grad)) => {
+                    let d = &load_cfg.defence;
+                    let cfg = isotope_defence::AntidistillConfig {
+                        lambda: 1.0,
+                        eps: d.eps,
+                        top_k: d.top_k,
+                    };
+                    Some(
+                        isotope_defence::antidistill_for_teacher(&model, proxy, grad, cfg)
+                            .context("loading the antidistillation proxy ([defence])")?,
+                    )
+                }
+                _ => None,
+            };
             let batch = BatchConfig {
                 slots: load_cfg.slots,
                 ctx_per_slot: load_cfg.ctx_per_slot.min(model.n_ctx_train()),
@@ -395,10 +415,10 @@ pub async fn serve(
                 threads: load_cfg.threads,
             };
             let sched = scheduler::Scheduler::start(Arc::clone(&model), batch, load_cfg.queue)?;
-            Ok((model, sched))
+            Ok((model, sched, defence))
         },
     );
-    let (model, sched) = tokio::select! {
+    let (model, sched, defence) = tokio::select! {
         r = loaded => r.context("model loading task")??,
         _ = &mut shutdown => {
             let _ = server.await;
@@ -414,6 +434,7 @@ pub async fn serve(
         excluded: model.control_mask().into(),
         model,
         scheduler: sched,
+        defence,
     }));
     if let Some(days) = cfg.retention_days {
         let store = Arc::clone(&store);

@@ -108,7 +108,7 @@ fn defences(a: DefencesArgs) -> Result<()> {
         antidistill_top_k: a.antidistill_top_k,
     };
     let defence = ad.build(&model)?.expect("proxy given");
-    let (proxy, tok) = crate::defence::load_proxy(&a.antidistill_proxy)?;
+    let (proxy, tok) = isotope_defence::load_proxy(&a.antidistill_proxy)?;
     let cfg = DefenceEvalConfig {
         lambdas: a.lambdas.clone(),
         max_tokens: a.max_tokens,

@@ -73,8 +73,11 @@ struct Plan {
     id: String,
     created: i64,
     model_name: String,
-    prompt: Vec<TokenId>,
-    /// Logged prompt (messages as JSON for chat, the text for completions).
+    /// One prompt, or several (batched `/v1/completions`): choice `i` answers prompt
+    /// `i / n`, as OpenAI numbers them.
+    prompts: Vec<Vec<TokenId>>,
+    /// Logged prompt (messages as JSON for chat, the text for completions, a JSON
+    /// array of texts for batched prompts).
     prompt_log: String,
     turns: u32,
     params: SamplingParams,
@@ -84,9 +87,9 @@ struct Plan {
     applied: Applied,
     stream: bool,
     include_usage: bool,
-    /// Completions `echo`: the prompt text to prepend, and its scored tokens when
-    /// log-probs were asked for (first token has none).
-    echo: Option<Echo>,
+    /// Completions `echo`, one per prompt: the prompt text to prepend, and its scored
+    /// tokens when log-probs were asked for (first token has none).
+    echo: Option<Vec<Echo>>,
     user: Option<String>,
     temperature: Option<f32>,
 }
@@ -207,7 +210,7 @@ pub async fn chat(
         engine,
         &caller,
         Endpoint::Chat,
-        prompt,
+        vec![prompt],
         prompt_log,
         turns,
         req.max_completion_tokens.or(req.max_tokens),
@@ -246,46 +249,71 @@ pub async fn completions(
         ));
     }
     let model = &engine.model;
-    let (prompt, text) = match req.prompt {
-        Prompt::Text(t) => (model.tokenize(&t, true, false), t),
-        Prompt::Texts(v) if v.len() == 1 => {
-            let t = v.into_iter().next().unwrap_or_default();
-            (model.tokenize(&t, true, false), t)
-        }
-        Prompt::Tokens(ids) => {
-            let text = model.detokenize(&ids);
-            (ids, text)
-        }
-        Prompt::TokenLists(v) if v.len() == 1 => {
-            let ids = v.into_iter().next().unwrap_or_default();
-            let text = model.detokenize(&ids);
-            (ids, text)
-        }
-        Prompt::Texts(_) | Prompt::TokenLists(_) => {
-            return Err(ApiError::invalid_param(
-                "prompt",
-                "Send one prompt per request (batched prompts are not supported); use `n` for \
-                 several completions of the same prompt.",
-            ))
-        }
+    let batch: Vec<(Vec<TokenId>, String)> = match req.prompt {
+        Prompt::Text(t) => vec![(model.tokenize(&t, true, false), t)],
+        Prompt::Texts(v) => v
+            .into_iter()
+            .map(|t| (model.tokenize(&t, true, false), t))
+            .collect(),
+        Prompt::Tokens(ids) => vec![(ids.clone(), model.detokenize(&ids))],
+        Prompt::TokenLists(v) => v
+            .into_iter()
+            .map(|ids| {
+                let text = model.detokenize(&ids);
+                (ids, text)
+            })
+            .collect(),
     };
-    if prompt.is_empty() {
+    if batch.is_empty() {
         return Err(ApiError::invalid_param("prompt", "`prompt` is empty."));
     }
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.n_vocab()) {
+    let max_prompts = app.cfg.max_prompts as usize;
+    if batch.len() > max_prompts {
         return Err(ApiError::invalid_param(
             "prompt",
             format!(
-                "Token id {bad} is outside the vocabulary (size {}).",
-                model.n_vocab()
+                "At most {max_prompts} prompts per request; got {}.",
+                batch.len()
             ),
         ));
+    }
+    // A policy's cap on `n` caps the choices of a request, batched prompts included
+    // (else a capped key would batch its way around it).
+    if let Some(cap) = caller.policy.n {
+        let n = knobs.n.unwrap_or(1) as usize;
+        if batch.len() > 1 && batch.len() * n > cap.max(1) as usize {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!(
+                    "At most {} completions per request for this API key.",
+                    cap.max(1)
+                ),
+            ));
+        }
+    }
+    for (i, (ids, _)) in batch.iter().enumerate() {
+        let param = if batch.len() == 1 {
+            "prompt".to_string()
+        } else {
+            format!("prompt[{i}]")
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid_param(&param, "`prompt` is empty."));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.n_vocab()) {
+            return Err(ApiError::invalid_param(
+                &param,
+                format!(
+                    "Token id {bad} is outside the vocabulary (size {}).",
+                    model.n_vocab()
+                ),
+            ));
+        }
     }
     let k = req.logprobs;
     let echo = req.echo.unwrap_or(false);
     let mut echo_data = None;
     if echo {
-        let mut scores = None;
         if k.is_some() {
             if !app.cfg.allow_echo_logprobs {
                 return Err(ApiError::invalid_param(
@@ -299,47 +327,27 @@ pub async fn completions(
                     "`echo` together with `logprobs` is not available for this API key.",
                 ));
             }
-            let m = Arc::clone(&engine.model);
-            let ids = prompt.clone();
-            let top = k.unwrap_or(0) as usize;
-            let threads = app.cfg.threads;
-            let s = tokio::task::spawn_blocking(move || m.score(&ids, top, threads))
-                .await
-                .map_err(|e| ApiError::internal("scoring the prompt", e))?
-                .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
-            // The echoed prompt's log-probs get the same treatment as generated ones.
-            let how = logprobs::Obscure {
-                decimals: caller.policy.logprob_decimals,
-                noise: caller.policy.logprob_noise,
-            };
-            let s = if how.is_identity() {
-                s
-            } else {
-                let mut noise = logprobs::Noise::fresh();
-                s.into_iter()
-                    .map(|sc| {
-                        let as_sampled = Sampled {
-                            token: sc.token,
-                            logprob: sc.logprob,
-                            top_logprobs: sc.top,
-                        };
-                        let o = logprobs::obscure(&as_sampled, top, how, &mut noise);
-                        isotope_engine::TokenScore {
-                            token: o.token,
-                            logprob: o.logprob,
-                            top: o.top_logprobs,
-                        }
-                    })
-                    .collect()
-            };
-            scores = Some(s);
         }
-        echo_data = Some(Echo {
-            text: text.clone(),
-            tokens: prompt.clone(),
-            scores,
-        });
+        let mut echoes = Vec::with_capacity(batch.len());
+        for (ids, text) in &batch {
+            let scores = match k {
+                Some(top) => Some(echo_scores(&app, engine, &caller, ids, top as usize).await?),
+                None => None,
+            };
+            echoes.push(Echo {
+                text: text.clone(),
+                tokens: ids.clone(),
+                scores,
+            });
+        }
+        echo_data = Some(echoes);
     }
+    let prompt_log = if batch.len() == 1 {
+        batch[0].1.clone()
+    } else {
+        serde_json::to_string(&batch.iter().map(|(_, t)| t).collect::<Vec<_>>()).unwrap_or_default()
+    };
+    let prompts: Vec<Vec<TokenId>> = batch.into_iter().map(|(ids, _)| ids).collect();
     // Completions default to 16 tokens, as OpenAI's do.
     let max_tokens = Some(req.max_tokens.unwrap_or(16));
     let plan = plan(
@@ -347,8 +355,8 @@ pub async fn completions(
         engine,
         &caller,
         Endpoint::Completions,
-        prompt,
-        text,
+        prompts,
+        prompt_log,
         1,
         max_tokens,
         k.is_some(),
@@ -359,6 +367,48 @@ pub async fn completions(
     )?;
     let client = client(&caller, &headers);
     run(app.clone(), engine.clone(), caller, client, plan).await
+}
+
+/// The teacher's log-probs of an echoed prompt (`top` alternatives per token), with
+/// the caller's log-prob treatment applied as to generated tokens.
+async fn echo_scores(
+    app: &AppState,
+    engine: &Engine,
+    caller: &Caller,
+    ids: &[TokenId],
+    top: usize,
+) -> Result<Vec<isotope_engine::TokenScore>, ApiError> {
+    let m = Arc::clone(&engine.model);
+    let owned = ids.to_vec();
+    let threads = app.cfg.threads;
+    let scores = tokio::task::spawn_blocking(move || m.score(&owned, top, threads))
+        .await
+        .map_err(|e| ApiError::internal("scoring the prompt", e))?
+        .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
+    let how = logprobs::Obscure {
+        decimals: caller.policy.logprob_decimals,
+        noise: caller.policy.logprob_noise,
+    };
+    if how.is_identity() {
+        return Ok(scores);
+    }
+    let mut noise = logprobs::Noise::fresh();
+    Ok(scores
+        .into_iter()
+        .map(|sc| {
+            let as_sampled = Sampled {
+                token: sc.token,
+                logprob: sc.logprob,
+                top_logprobs: sc.top,
+            };
+            let o = logprobs::obscure(&as_sampled, top, how, &mut noise);
+            isotope_engine::TokenScore {
+                token: o.token,
+                logprob: o.logprob,
+                top: o.top_logprobs,
+            }
+        })
+        .collect())
 }
 
 /// `GET /v1/models`.
@@ -380,7 +430,7 @@ fn plan(
     engine: &Engine,
     caller: &Caller,
     endpoint: Endpoint,
-    prompt: Vec<TokenId>,
+    prompts: Vec<Vec<TokenId>>,
     prompt_log: String,
     turns: u32,
     max_tokens: Option<u32>,
@@ -388,15 +438,17 @@ fn plan(
     top_logprobs: u32,
     top_param: &str,
     knobs: openai::Knobs,
-    echo: Option<Echo>,
+    echo: Option<Vec<Echo>>,
 ) -> Result<Plan, ApiError> {
     let cfg = &app.cfg;
     let ctx = engine.scheduler.ctx_per_slot();
-    if prompt.len() >= ctx {
+    // Every prompt must fit with the completion: the longest decides.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest >= ctx {
         return Err(ApiError::context_length(format!(
             "This model's maximum context length is {ctx} tokens, but the prompt has {} \
              tokens. Shorten the prompt.",
-            prompt.len()
+            longest
         )));
     }
     if top_logprobs > cfg.max_top_logprobs {
@@ -421,7 +473,7 @@ fn plan(
             "`max_tokens` must be at least 1.",
         ));
     }
-    let room = (ctx - prompt.len()) as u32;
+    let room = (ctx - longest) as u32;
     let requested = Shape {
         max_tokens: max_tokens.unwrap_or(room),
         n,
@@ -434,8 +486,8 @@ fn plan(
             "This model's maximum context length is {ctx} tokens. However, you requested {} \
              tokens ({} in the messages, {} in the completion). Reduce the length of the \
              messages or the completion.",
-            prompt.len() as u32 + applied.granted.max_tokens,
-            prompt.len(),
+            longest as u32 + applied.granted.max_tokens,
+            longest,
             applied.granted.max_tokens
         )));
     }
@@ -492,7 +544,7 @@ fn plan(
         id: request_id(id_prefix),
         created: now_ms() / 1000,
         model_name: app.model_name.clone(),
-        prompt,
+        prompts,
         prompt_log,
         turns,
         params,
@@ -546,6 +598,7 @@ async fn run(
     plan: Plan,
 ) -> Result<Response, ApiError> {
     let n = plan.applied.granted.n as usize;
+    let total = n * plan.prompts.len();
     let greedy = plan.params.is_greedy();
     let mut scheme_applied = None;
     // Antidistillation before the watermark: the stage reshapes the teacher's
@@ -553,51 +606,62 @@ async fn run(
     // unchanged), and the returned log-probs describe the distribution actually
     // sampled from.
     let lambda = plan.applied.treatment.antidistill_lambda;
-    let samplers: Vec<Sampler> = (0..n)
-        .map(|choice| {
-            let mut sampler = Sampler::new(plan.params.clone(), choice as u64);
-            if let (Some(lambda), Some(defence)) = (lambda, &engine.defence) {
-                sampler = sampler.with_adjust(Box::new(defence.stage_with_lambda(lambda)));
-            }
-            if !app.cfg.watermark {
-                return sampler;
-            }
-            let hook = WatermarkHook::new(
-                Arc::clone(&app.watermark.key),
-                &app.watermark.scheme,
-                Arc::clone(&engine.excluded),
-                greedy,
-            );
-            scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
-            sampler.with_hook(Box::new(hook))
-        })
-        .collect();
+    let mut sampler_for = |choice: usize| {
+        let mut sampler = Sampler::new(plan.params.clone(), choice as u64);
+        if let (Some(lambda), Some(defence)) = (lambda, &engine.defence) {
+            sampler = sampler.with_adjust(Box::new(defence.stage_with_lambda(lambda)));
+        }
+        if !app.cfg.watermark {
+            return sampler;
+        }
+        let hook = WatermarkHook::new(
+            Arc::clone(&app.watermark.key),
+            &app.watermark.scheme,
+            Arc::clone(&engine.excluded),
+            greedy,
+        );
+        scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
+        sampler.with_hook(Box::new(hook))
+    };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let granted = &plan.applied.granted;
-    let job = Job {
-        prompt: plan.prompt.clone(),
-        samplers,
-        max_tokens: plan.max_tokens as usize,
-        stop: plan.stop.clone(),
-        top_logprobs: if granted.logprobs {
-            granted.top_logprobs as usize
-        } else {
-            0
-        },
-        events: events_tx,
-    };
-    engine.scheduler.submit(job).map_err(|e| match e {
-        SubmitError::Overloaded => ApiError::unavailable(
-            "The server is overloaded (the request queue is full); retry with backoff.",
-        ),
-        SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
-    })?;
+    // One job per prompt, choices numbered prompt-major on one channel. If the queue
+    // fills half-way, dropping the receiver (the `?` below) cancels what was queued.
+    for (p, prompt) in plan.prompts.iter().enumerate() {
+        let job = Job {
+            prompt: prompt.clone(),
+            samplers: (p * n..(p + 1) * n).map(&mut sampler_for).collect(),
+            first_choice: p * n,
+            max_tokens: plan.max_tokens as usize,
+            stop: plan.stop.clone(),
+            top_logprobs: if granted.logprobs {
+                granted.top_logprobs as usize
+            } else {
+                0
+            },
+            events: events_tx.clone(),
+        };
+        engine.scheduler.submit(job).map_err(|e| match e {
+            SubmitError::Overloaded => ApiError::unavailable(
+                "The server is overloaded (the request queue is full); retry with backoff.",
+            ),
+            SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
+        })?;
+    }
+    drop(events_tx);
     // A template (or a completions prompt) that opens a reasoning section means the
     // answer starts inside it.
-    let opens_section = plan.applied.treatment.reasoning != ReasoningPolicy::Whole && {
-        let tail = &plan.prompt[plan.prompt.len().saturating_sub(8)..];
-        ReasoningFilter::prompt_opens_section(&engine.model.detokenize(tail))
-    };
+    let reasoning = plan.applied.treatment.reasoning != ReasoningPolicy::Whole;
+    let opens_section: Vec<bool> = plan
+        .prompts
+        .iter()
+        .map(|prompt| {
+            reasoning && {
+                let tail = &prompt[prompt.len().saturating_sub(8)..];
+                ReasoningFilter::prompt_opens_section(&engine.model.detokenize(tail))
+            }
+        })
+        .collect();
     let driver = Driver {
         app: app.clone(),
         model: Arc::clone(&engine.model),
@@ -606,10 +670,9 @@ async fn run(
         scheme: scheme_applied,
         started: Instant::now(),
         started_ms: now_ms(),
-        choices: (0..n)
-            .map(|_| ChoiceState {
-                filter: (plan.applied.treatment.reasoning != ReasoningPolicy::Whole)
-                    .then(|| ReasoningFilter::new(opens_section)),
+        choices: (0..total)
+            .map(|i| ChoiceState {
+                filter: reasoning.then(|| ReasoningFilter::new(opens_section[i / n.max(1)])),
                 ..ChoiceState::default()
             })
             .collect(),
@@ -696,8 +759,9 @@ impl Driver {
                                 partial = true;
                             }
                         }
-                    } else if let Some(echo) = &self.plan.echo {
+                    } else if let Some(echoes) = &self.plan.echo {
                         for i in 0..self.choices.len() {
+                            let echo = &echoes[self.prompt_of(i)];
                             let lp = self.echo_logprobs(echo);
                             let chunk = self.completion_chunk(i, &echo.text, lp, None);
                             if tx.send(Ok(chunk)).await.is_err() {
@@ -992,6 +1056,7 @@ impl Driver {
             .submit(Job {
                 prompt,
                 samplers: vec![sampler],
+                first_choice: 0,
                 max_tokens: SUMMARY_TOKENS,
                 stop: Vec::new(),
                 top_logprobs: 0,
@@ -1012,9 +1077,19 @@ impl Driver {
         Err("the engine stopped".into())
     }
 
+    /// Prompt tokens of the request (all prompts of a batch).
+    fn prompt_tokens(&self) -> usize {
+        self.plan.prompts.iter().map(Vec::len).sum()
+    }
+
+    /// The prompt choice `i` answers.
+    fn prompt_of(&self, choice: usize) -> usize {
+        choice / (self.plan.applied.granted.n.max(1) as usize)
+    }
+
     fn usage(&self) -> Usage {
         let completion: usize = self.choices.iter().map(|c| c.generated).sum();
-        Usage::new(self.plan.prompt.len(), completion)
+        Usage::new(self.prompt_tokens(), completion)
     }
 
     fn chunk_base(&self) -> Value {
@@ -1161,7 +1236,8 @@ impl Driver {
                     Endpoint::Completions => {
                         let (mut text, mut lp) = (String::new(), None);
                         let mut shift = 0;
-                        if let Some(echo) = &self.plan.echo {
+                        if let Some(echoes) = &self.plan.echo {
+                            let echo = &echoes[self.prompt_of(i)];
                             text.push_str(&echo.text);
                             shift = echo.text.chars().count();
                             lp = self.echo_logprobs(echo);
@@ -1224,7 +1300,7 @@ impl Driver {
             turns: self.plan.turns,
             completion_hash: Some(sha256_hex(&completion)),
             completion_text: store.then_some(completion),
-            prompt_tokens: self.plan.prompt.len() as u32,
+            prompt_tokens: self.prompt_tokens() as u32,
             completion_tokens: self.usage().completion_tokens,
             n: self.plan.applied.requested.n,
             logprobs: self.plan.applied.requested.logprobs,

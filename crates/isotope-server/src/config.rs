@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_top_logprobs: u32,
     /// Largest `n`.
     pub max_n: u32,
+    /// Most prompts in one batched `/v1/completions` request (each is answered `n`
+    /// times; choice `i` answers prompt `i / n`).
+    pub max_prompts: u32,
     /// Allow `/v1/completions` with `echo` and `logprobs` together: that returns the
     /// model's log-probabilities of arbitrary client text — a teacher's soft labels on
     /// demand — so it is off unless the operator turns it on.
@@ -177,6 +180,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             max_top_logprobs: 20,
             max_n: 8,
+            max_prompts: 16,
             allow_echo_logprobs: false,
             store_texts: true,
             retention_days: None,

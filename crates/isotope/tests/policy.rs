@@ -117,6 +117,36 @@ fn post(server: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
     })
 }
 
+/// The concatenated `choices[0].text` of a streamed completion (ends at `[DONE]`).
+fn sse_text(server: &Server, key: &str, body: Value) -> String {
+    let url = format!("http://{}/v1/completions", server.addr);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw = rt.block_on(async move {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(key)
+            .timeout(Duration::from_secs(300))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.unwrap()
+    });
+    assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["text"].as_str().unwrap_or("").to_owned()
+        })
+        .collect()
+}
+
 /// Train a tiny proxy student and its gradient on a few GSM8K answers (seconds).
 fn proxy(dir: &Path) -> (PathBuf, PathBuf) {
     let data = dir.join("tasks.jsonl");
@@ -331,6 +361,19 @@ gradient = "{}"
         "reasoning leaked: {withheld:?}"
     );
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+    // Streamed, a withheld section sends no text either (the SSE path holds back
+    // possible tag prefixes token by token).
+    let streamed = sse_text(
+        &server,
+        degrade,
+        json!({"model": "SmolLM2-135M-Instruct.Q4_1",
+               "prompt": "Question: Tom has 3 apples and buys 4 more. How many apples?\n<think>\n",
+               "max_tokens": 24, "temperature": 0.8, "seed": 5, "stream": true}),
+    );
+    assert_eq!(
+        streamed, withheld,
+        "streamed and whole withheld answers differ"
+    );
     let (s, v) = think(flag);
     assert_eq!(s, 200, "{v}");
     let summarised = text(&v);

@@ -54,6 +54,9 @@ pub struct Engine {
     pub excluded: ExcludedTokens,
     /// Antidistillation sampling's shared proxies, when some policy level uses them.
     pub defence: Option<Arc<isotope_defence::Antidistill>>,
+    /// (window, token) tuples common in human text, left out by `/admin/detect` as by
+    /// `isotope detect` (`None` when the built-in list does not fit this model).
+    pub common: Option<Arc<isotope_watermark::CommonTuples>>,
 }
 
 /// The watermark applied to every response.
@@ -191,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let admin = Router::new()
         .route("/admin/alerts", get(admin_alerts))
+        .route("/admin/detect", post(admin_detect))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .merge(v1)
@@ -279,6 +283,55 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 async fn admin_alerts(State(app): State<AppState>) -> Result<Response, ApiError> {
     let alerts = app.store.list_alerts(0, 1000).await?;
     Ok(Json(json!({"object": "list", "data": alerts})).into_response())
+}
+
+/// `POST /admin/detect` `{"text": …}`: watermark detection with every key the server
+/// knows (the active one and the rotated-out `detection_keys`), corrected for testing
+/// them all — the provider's own check of a text, without shipping keys to a laptop.
+async fn admin_detect(
+    State(app): State<AppState>,
+    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        text: String,
+    }
+    let raw =
+        raw.map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}")))?;
+    let body: Body = openai::parse_body(&raw)?;
+    if body.text.trim().is_empty() {
+        return Err(ApiError::invalid_param("text", "`text` is empty."));
+    }
+    let engine = app
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading; retry shortly."))?
+        .clone();
+    let wm = Arc::clone(&app.watermark);
+    let report = tokio::task::spawn_blocking(move || {
+        let tokens = engine.model.tokenize(&body.text, false, false);
+        let multi = isotope_watermark::detect_multi_key(
+            &wm.detection_keys,
+            &wm.scheme,
+            &engine.excluded,
+            engine.common.as_ref(),
+            &tokens,
+        );
+        json!({
+            "scheme": wm.scheme.to_string(),
+            "p_value": multi.p_value,
+            "log10_p_value": multi.log10_p_value,
+            "scored_tokens": multi.per_key.iter().map(|d| d.scored_tokens).max().unwrap_or(0),
+            "tokens": tokens.len(),
+            "key_id": multi.best_key_id,
+            "keys_tested": wm.detection_keys.len(),
+            "common_filter": engine.common.is_some(),
+            "per_key": multi.per_key,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal("detection", e))?;
+    Ok(Json(report).into_response())
 }
 
 /// Run the server until `shutdown` resolves. Binds first (so `/health` answers 503
@@ -430,8 +483,16 @@ pub async fn serve(
             bail!("the HTTP server stopped while the model was loading");
         }
     };
+    let common = match isotope_eval::shipped_common_tuples(&model) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!("/admin/detect scores every tuple: {e}");
+            None
+        }
+    };
     let _ = engine_cell.set(Arc::new(Engine {
         excluded: model.control_mask().into(),
+        common,
         model,
         scheduler: sched,
         defence,

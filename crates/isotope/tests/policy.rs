@@ -264,7 +264,14 @@ gradient = "{}"
         }
     }
     let (observe, flag, throttle, degrade) = (&keys[0], &keys[1], &keys[2], &keys[3]);
+    // A rotated-out key: still used by detection, never for generation.
+    let old_key = dir.path().join("old.key");
+    run_ok(isotope().args(["keygen", "--out"]).arg(&old_key));
     let server = start(&[
+        "--admin-token",
+        "admin-secret",
+        "--detection-key",
+        old_key.to_str().unwrap(),
         "--config",
         config.to_str().unwrap(),
         "--data-dir",
@@ -423,7 +430,50 @@ gradient = "{}"
         "antidistillation changed {differ} of 3 answers"
     );
 
-    // 5. Every applied policy is on the usage event; none on the benign key's.
+    // 5. `/admin/detect` tests a text with every key the server knows (active +
+    //    rotated), admin token required.
+    let (s, long) = post(
+        &server,
+        observe,
+        "/v1/chat/completions",
+        json!({"model": "SmolLM2-135M-Instruct.Q4_1",
+               "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}],
+               "max_tokens": 160, "temperature": 0.8, "seed": 21}),
+    );
+    assert_eq!(s, 200, "{long}");
+    let story = long["choices"][0]["message"]["content"].as_str().unwrap();
+    let (s, d) = post(
+        &server,
+        "admin-secret",
+        "/admin/detect",
+        json!({"text": story}),
+    );
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["keys_tested"], 2, "{d}");
+    assert_eq!(d["per_key"].as_array().unwrap().len(), 2, "{d}");
+    assert!(
+        d["p_value"].as_f64().unwrap() < 1e-4,
+        "served text not detected: {d}"
+    );
+    let human = "Natalia sold clips to 48 of her friends in April, and then she sold half as \
+                 many clips in May. How many clips did Natalia sell altogether in April and May?";
+    let (s, d) = post(
+        &server,
+        "admin-secret",
+        "/admin/detect",
+        json!({"text": human}),
+    );
+    assert_eq!(s, 200, "{d}");
+    assert!(
+        d["p_value"].as_f64().unwrap() > 1e-3,
+        "human text flagged: {d}"
+    );
+    let (s, _) = post(&server, observe, "/admin/detect", json!({"text": human}));
+    assert_eq!(s, 401);
+    let (s, d) = post(&server, "admin-secret", "/admin/detect", json!({"text": 3}));
+    assert_eq!(s, 400, "{d}");
+
+    // 6. Every applied policy is on the usage event; none on the benign key's.
     drop(server);
     let script = r#"
 import json, sqlite3, sys

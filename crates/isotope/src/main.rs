@@ -9,6 +9,7 @@ mod generate;
 mod loadtest;
 mod sentinel;
 mod serve;
+mod trace;
 mod watermark;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Harvesting detection: simulate traffic, evaluate, score a live store.
     Sentinel(sentinel::SentinelArgs),
+    /// Provenance: did we serve this text, to which accounts and when (near-duplicate
+    /// index over the usage log, plus the watermark test).
+    Trace(trace::TraceArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => audit::audit(args),
         Command::Sentinel(args) => sentinel::sentinel(args),
         Command::Defence(args) => defence::defence(args),
+        Command::Trace(args) => trace::trace(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ mod distill;
 mod eval;
 mod generate;
 mod loadtest;
+mod redteam;
 mod sentinel;
 mod serve;
 mod trace;
@@ -60,6 +61,9 @@ enum Command {
     /// Provenance: did we serve this text, to which accounts and when (near-duplicate
     /// index over the usage log, plus the watermark test).
     Trace(trace::TraceArgs),
+    /// The whole story with one command: watermarked server with the sentinel, harvest,
+    /// a student on watermarked and a control on clean output, audits, report.html.
+    Redteam(redteam::RedteamArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Sentinel(args) => sentinel::sentinel(args),
         Command::Defence(args) => defence::defence(args),
         Command::Trace(args) => trace::trace(args),
+        Command::Redteam(args) => redteam::redteam(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -429,8 +429,7 @@ pub async fn find(
                         let j = estimate(&sig, &stored);
                         // Containment from J and the two set sizes:
                         // |A∩B| = J(|A|+|B|)/(1+J).
-                        let inter =
-                            j * (query.len() as f64 + f64::from(c.shingles)) / (1.0 + j);
+                        let inter = j * (query.len() as f64 + f64::from(c.shingles)) / (1.0 + j);
                         (j, (inter / query.len() as f64).min(1.0), true)
                     }
                     None => continue,
@@ -469,7 +468,10 @@ mod tests {
 
     #[test]
     fn words_ignore_case_and_punctuation() {
-        assert_eq!(words("Hello, WORLD!  it's 42."), ["hello", "world", "it", "s", "42"]);
+        assert_eq!(
+            words("Hello, WORLD!  it's 42."),
+            ["hello", "world", "it", "s", "42"]
+        );
         assert_eq!(shingles("Hello, world"), shingles("hello world"));
         assert_eq!(shingles("").len(), 0);
         assert_eq!(shingles("one two").len(), 1);

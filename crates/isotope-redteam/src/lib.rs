@@ -146,7 +146,7 @@ impl Default for RedteamConfig {
             model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
             scheme: "kgw:gamma=0.25,delta=2,h=1,seeding=left".into(),
             prompt_file: PathBuf::from("data/gsm8k/train.jsonl"),
-            prompts: 480,
+            prompts: 400,
             max_tokens: 200,
             temperature: 1.0,
             concurrency: 4,
@@ -158,7 +158,7 @@ impl Default for RedteamConfig {
             heldout_prompts: 40,
             heldout_max_tokens: 128,
             student: "tiny".into(),
-            epochs: 2,
+            epochs: 1,
             batch_size: 4,
             seq_len: 320,
             lr: 1e-3,
@@ -202,7 +202,10 @@ impl RedteamConfig {
 /// What the caller is told while a run goes on (for progress bars).
 pub enum Event<'a> {
     /// A new stage starts; `total` items (prompts, steps) when known.
-    Stage { name: String, total: u64 },
+    Stage {
+        name: String,
+        total: u64,
+    },
     Harvest(&'a HarvestProgress),
     Train(&'a isotope_distill::Progress),
     /// Items done in the current stage (audits, generation).
@@ -531,8 +534,8 @@ async fn harvest_arm(
             seed: Some(cfg.seed),
             ..HarvestConfig::default()
         };
-        let r = isotope_distill::harvest(&hc, prompts, &out, &mut |p| events(Event::Harvest(p)))
-            .await;
+        let r =
+            isotope_distill::harvest(&hc, prompts, &out, &mut |p| events(Event::Harvest(p))).await;
         rounds += 1;
         match r {
             Ok(rep) => {
@@ -655,12 +658,13 @@ fn black_box_audit(
         let mut ids = student.generate(&prompt_ids, &mut sampler, cfg.heldout_max_tokens, &stop)?;
         ids.retain(|t| !stop.contains(t));
         let text = tok.decode(&ids)?;
-        lines.push_str(
-            &serde_json::json!({"prompt": p.text, "response": text}).to_string(),
-        );
+        lines.push_str(&serde_json::json!({"prompt": p.text, "response": text}).to_string());
         lines.push('\n');
-        ev.prompts
-            .push(evidence_text(model, format!("heldout:{}", p.line), p.text.clone()));
+        ev.prompts.push(evidence_text(
+            model,
+            format!("heldout:{}", p.line),
+            p.text.clone(),
+        ));
         ev.texts
             .push(evidence_text(model, format!("answer:{}", p.line), text));
         events(Event::Step(i as u64 + 1));
@@ -687,11 +691,7 @@ fn student_arm(
     let dir = cfg.out.join(arm.name());
     let data_path = dir.join("harvest.jsonl");
     let data = load_jsonl(&data_path, Some(tok), &DataOptions::default())?;
-    let response_tokens: u64 = data
-        .examples
-        .iter()
-        .map(|e| e.response_len() as u64)
-        .sum();
+    let response_tokens: u64 = data.examples.iter().map(|e| e.response_len() as u64).sum();
     let student = match cfg.student.as_str() {
         "tiny" | "small" => Student::new(
             StudentConfig::preset(&cfg.student)?,
@@ -827,10 +827,12 @@ async fn sentinel_timeline(cfg: &RedteamConfig) -> Result<report::SentinelReport
             .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
             .and_then(|v| v["level"].as_str().map(str::to_owned))
             .unwrap_or_else(|| "observe".into());
-        let t = per.entry(name.clone()).or_insert_with(|| report::AccountTimeline {
-            account: name,
-            ..Default::default()
-        });
+        let t = per
+            .entry(name.clone())
+            .or_insert_with(|| report::AccountTimeline {
+                account: name,
+                ..Default::default()
+            });
         t.requests += 1;
         t.prompt_tokens += u64::from(e.prompt_tokens);
         t.completion_tokens += u64::from(e.completion_tokens);
@@ -896,8 +898,7 @@ pub fn run(
         // The control teacher's key is never used (watermark off); it only satisfies
         // the server's start-up.
         let control_key = cfg.out.join(Arm::Control.name()).join("unused.key");
-        std::fs::create_dir_all(cfg.out.join(Arm::Control.name()))
-            .map_err(io_err(&cfg.out))?;
+        std::fs::create_dir_all(cfg.out.join(Arm::Control.name())).map_err(io_err(&cfg.out))?;
         if !control_key.exists() {
             let k = WatermarkKey::generate().map_err(|e| RedteamError::Key(e.to_string()))?;
             isotope_server::write_private(&control_key, k.to_file_string().as_bytes())

@@ -282,7 +282,12 @@ pub fn render_html(r: &Report) -> String {
         let w = (pts.len() / 25).max(1);
         let smooth: Vec<(f64, f64)> = pts
             .windows(w)
-            .map(|win| (win[win.len() - 1].0, win.iter().map(|p| p.1).sum::<f64>() / w as f64))
+            .map(|win| {
+                (
+                    win[win.len() - 1].0,
+                    win.iter().map(|p| p.1).sum::<f64>() / w as f64,
+                )
+            })
             .collect();
         series.push(Series {
             name: format!("{} student", a.arm.name()),

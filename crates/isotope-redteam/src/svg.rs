@@ -202,7 +202,11 @@ impl Chart<'_> {
                 );
             }
             if se.dots {
-                for &(x, y) in se.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
+                for &(x, y) in se
+                    .points
+                    .iter()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                {
                     let _ = write!(
                         s,
                         r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#,

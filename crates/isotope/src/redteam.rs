@@ -182,7 +182,9 @@ pub fn redteam(a: RedteamArgs) -> Result<()> {
             bar.reset();
             bar.set_length(total);
             bar.set_position(0);
-            bar.set_style(style("{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}"));
+            bar.set_style(style(
+                "{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+            ));
         }
         Event::Harvest(p) => {
             bar.set_position((p.existing + p.written + p.failed) as u64);
@@ -198,17 +200,14 @@ pub fn redteam(a: RedteamArgs) -> Result<()> {
         Event::Step(n) => bar.set_position(n),
         Event::Note(m) => bar.suspend(|| eprintln!("redteam: {m}")),
     };
-    let report = isotope_redteam::run(&cfg, &model, &scoring, &mut on_event)
-        .context("red-team run")?;
+    let report =
+        isotope_redteam::run(&cfg, &model, &scoring, &mut on_event).context("red-team run")?;
     bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    println!(
-        "report: {}",
-        cfg.out.join("report.html").display()
-    );
+    println!("report: {}", cfg.out.join("report.html").display());
     for arm in &report.arms {
         println!(
             "  {:<12} harvest {:>7} tokens · reading p = {:.3e} · black-box p = {:.3e} · final loss {:.3}",

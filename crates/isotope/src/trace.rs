@@ -166,9 +166,9 @@ pub fn trace(a: TraceArgs) -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let (index, results, accounts) = rt.block_on(async {
-        let store = isotope_store::open(&url)
-            .await
-            .with_context(|| format!("opening the store at {}", isotope_server::redact_url(&url)))?;
+        let store = isotope_store::open(&url).await.with_context(|| {
+            format!("opening the store at {}", isotope_server::redact_url(&url))
+        })?;
         let index = if a.no_index_update {
             trace::check_parameters(store.as_ref()).await?;
             None
@@ -291,7 +291,11 @@ fn print_text(v: &serde_json::Value, matches: &[TraceMatch]) {
             m.containment,
             if m.exact { " exact" } else { "" },
             if m.partial { " partial" } else { "" },
-            if m.estimated { " (estimated: text not stored)" } else { "" },
+            if m.estimated {
+                " (estimated: text not stored)"
+            } else {
+                ""
+            },
             if m.event_partial {
                 " (response cut short)"
             } else {

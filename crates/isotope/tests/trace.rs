@@ -64,7 +64,15 @@ impl Drop for Server {
 
 fn serve(store: &[&str], extra: &[&str]) -> Server {
     let mut child = isotope()
-        .args(["serve", "--addr", "127.0.0.1:0", "--slots", "2", "--ctx", "1024"])
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--slots",
+            "2",
+            "--ctx",
+            "1024",
+        ])
         .args(["--threads", "1", "--no-sentinel"])
         .args(store)
         .args(extra)
@@ -149,7 +157,10 @@ fn human_text() -> String {
 
 fn trace_json(store: &[&str], args: &[&str], files: &[&Path]) -> Value {
     let mut cmd = isotope();
-    cmd.args(["trace", "--json"]).args(store).args(args).args(files);
+    cmd.args(["trace", "--json"])
+        .args(store)
+        .args(args)
+        .args(files);
     let (code, stdout, stderr) = run(&mut cmd);
     assert_eq!(code, 0, "{stderr}");
     serde_json::from_str(stdout.trim()).unwrap()
@@ -205,7 +216,10 @@ fn scenario(store: &[&str], serve_extra: &[&str], trace_keys: &[&str], dir: &Pat
     assert!(m["api_key_id"].as_str().unwrap().starts_with("ik_"));
     assert!(m["created_at_ms"].as_i64().unwrap() > 1_600_000_000_000);
     assert_eq!(exact["matches"].as_array().unwrap().len(), 1, "{exact}");
-    assert!(exact["watermark"]["p_value"].as_f64().unwrap() < 1e-3, "{exact}");
+    assert!(
+        exact["watermark"]["p_value"].as_f64().unwrap() < 1e-3,
+        "{exact}"
+    );
     // The edited copy: found, not exact, still alice's.
     let edited = &texts[1];
     let m = &edited["matches"][0];
@@ -217,7 +231,10 @@ fn scenario(store: &[&str], serve_extra: &[&str], trace_keys: &[&str], dir: &Pat
     let human = &texts[2];
     assert_eq!(human["served"], false, "{human}");
     assert!(human["matches"].as_array().unwrap().is_empty());
-    assert!(human["watermark"]["p_value"].as_f64().unwrap() > 1e-3, "{human}");
+    assert!(
+        human["watermark"]["p_value"].as_f64().unwrap() > 1e-3,
+        "{human}"
+    );
 
     // Stdin, JSONL (a competitor's dataset): bob's and alice's second answer found;
     // the index is already up to date.
@@ -276,7 +293,10 @@ fn trace_finds_served_texts_on_sqlite() {
     // Clear errors: no store there, an unreadable key file.
     let (code, _, stderr) = run(isotope()
         .args(["trace", "--database-url"])
-        .arg(format!("sqlite://{}/nowhere/isotope.db", dir.path().display()))
+        .arg(format!(
+            "sqlite://{}/nowhere/isotope.db",
+            dir.path().display()
+        ))
         .args(["--watermark-key"])
         .arg(data.join("watermark.key"))
         .arg(dir.path().join("exact.txt")));
@@ -332,7 +352,10 @@ fn trace_finds_served_texts_on_postgres() {
     getrandom_suffix(&mut suffix);
     let db = format!(
         "isotope_trace_{}",
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     );
     psql(&admin, &format!("CREATE DATABASE {db}"));
     let (base, _) = admin.rsplit_once('/').unwrap();
@@ -351,7 +374,10 @@ fn trace_finds_served_texts_on_postgres() {
             dir.path(),
         )
     }));
-    psql(&admin, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(
+        &admin,
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
     if let Err(e) = outcome {
         std::panic::resume_unwind(e);
     }

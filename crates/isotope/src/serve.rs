@@ -25,7 +25,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// The file layer: the given config file, ./isotope.toml, or defaults.
-    fn file(&self) -> Result<ServerConfig> {
+    pub(crate) fn file(&self) -> Result<ServerConfig> {
         let path = match &self.config {
             Some(p) => Some(p.clone()),
             None => Some(PathBuf::from("isotope.toml")).filter(|p| p.exists()),

@@ -3,37 +3,22 @@
 //! then the served texts, an edited copy and an unrelated human text traced back
 //! through the usage log and the watermark.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as StdCommand, Stdio};
 use std::time::Duration;
 
-use assert_cmd::cargo::CommandCargoExt;
+use common::{model, workspace};
 use serde_json::{json, Value};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model() -> PathBuf {
-    workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
+/// The binary with the test model, one thread, and no ./isotope.toml of the
+/// developer's checkout.
 fn isotope() -> StdCommand {
-    let mut c = StdCommand::cargo_bin("isotope").unwrap();
-    for var in [
-        "ISOTOPE_MODEL",
-        "ISOTOPE_WATERMARK_KEY",
-        "ISOTOPE_DATABASE_URL",
-        "ISOTOPE_CONFIG",
-        "ISOTOPE_DATA_DIR",
-        "ISOTOPE_ADDR",
-    ] {
-        c.env_remove(var);
-    }
+    let mut c = common::isotope();
     c.env("ISOTOPE_MODEL", model())
         .env("ISOTOPE_THREADS", "1")
-        // No ./isotope.toml of the developer's checkout.
         .current_dir(std::env::temp_dir());
     c
 }

@@ -18,17 +18,14 @@ pub fn model() -> PathBuf {
     workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The binary with none of the caller's `ISOTOPE_*` settings, so a developer's
+/// environment cannot change what a test runs.
 pub fn isotope() -> StdCommand {
     let mut c = StdCommand::cargo_bin("isotope").unwrap();
-    for var in [
-        "ISOTOPE_MODEL",
-        "ISOTOPE_WATERMARK_KEY",
-        "ISOTOPE_DATABASE_URL",
-        "ISOTOPE_CONFIG",
-        "ISOTOPE_DATA_DIR",
-        "ISOTOPE_ADDR",
-    ] {
-        c.env_remove(var);
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("ISOTOPE_") {
+            c.env_remove(var);
+        }
     }
     c
 }

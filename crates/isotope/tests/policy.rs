@@ -67,8 +67,8 @@ fn sse_text(server: &Server, key: &str, body: Value) -> String {
 /// Train a tiny proxy student and its gradient on a few GSM8K answers (seconds).
 fn proxy(dir: &Path) -> (PathBuf, PathBuf) {
     let data = dir.join("tasks.jsonl");
-    let gsm = std::fs::read_to_string(workspace().join("../shared/data/gsm8k/train.jsonl"))
-        .expect("../shared/data/gsm8k/train.jsonl");
+    let gsm = std::fs::read_to_string(workspace().join("data/gsm8k/train.jsonl"))
+        .expect("data/gsm8k/train.jsonl");
     let lines: Vec<String> = gsm
         .lines()
         .take(12)

@@ -21,7 +21,6 @@ use axum::{Extension, Json};
 use isotope_engine::{ChatMessage, FinishReason, Model};
 use isotope_sampling::{Sampled, Sampler, SamplingParams, TokenId};
 use isotope_store::UsageEvent;
-use isotope_watermark::WatermarkHook;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -614,12 +613,7 @@ async fn run(
         if !app.cfg.watermark {
             return sampler;
         }
-        let hook = WatermarkHook::new(
-            Arc::clone(&app.watermark.key),
-            &app.watermark.scheme,
-            Arc::clone(&engine.excluded),
-            greedy,
-        );
+        let hook = app.watermark.hook(&engine.excluded, greedy);
         scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
         sampler.with_hook(Box::new(hook))
     };
@@ -1043,12 +1037,7 @@ impl Driver {
         };
         let mut sampler = Sampler::new(params, 0);
         if self.app.cfg.watermark {
-            sampler = sampler.with_hook(Box::new(WatermarkHook::new(
-                Arc::clone(&self.app.watermark.key),
-                &self.app.watermark.scheme,
-                Arc::clone(&engine.excluded),
-                false,
-            )));
+            sampler = sampler.with_hook(Box::new(self.app.watermark.hook(&engine.excluded, false)));
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         engine

@@ -67,6 +67,23 @@ pub struct Watermark {
     pub detection_keys: Vec<Arc<WatermarkKey>>,
 }
 
+impl Watermark {
+    /// The sampler hook for one sequence with the active key (`greedy`: the request
+    /// samples at temperature 0, where the hook picks a scheme that survives it).
+    pub fn hook(
+        &self,
+        excluded: &ExcludedTokens,
+        greedy: bool,
+    ) -> isotope_watermark::WatermarkHook {
+        isotope_watermark::WatermarkHook::new(
+            Arc::clone(&self.key),
+            &self.scheme,
+            Arc::clone(excluded),
+            greedy,
+        )
+    }
+}
+
 /// Shared state of every handler.
 #[derive(Clone)]
 pub struct AppState {

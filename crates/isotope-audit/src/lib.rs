@@ -27,6 +27,7 @@
 
 pub mod bundle;
 pub mod corpus;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -9,8 +9,11 @@
 //! its perplexity on held-out *undefended* teacher answers to other prompts (what a
 //! distiller gains). λ = 0 is the undefended baseline.
 //!
-//! The responses are generated locally through the engine, not harvested from
-//! `isotope serve`: the server does not run the defence yet.
+//! The responses are generated locally through the engine with the same stage
+//! `isotope serve` attaches per sequence (no HTTP in the loop, so the numbers measure
+//! the defence, not the harvest). Every λ, 0 included, samples from the teacher's
+//! top-k (the stage's candidate set), so λ = 0 differs from the others only by the
+//! defence; the held-out reference answers are plain, untruncated sampling.
 //!
 //! This is the one module of the crate that touches llama.cpp (the teacher); the
 //! defence itself does not.
@@ -54,6 +57,11 @@ pub struct DefencePoint {
     pub student_train_loss: f64,
     /// Sequences on which the defence gave up (should be 0).
     pub defence_failures: u64,
+    /// Relative perplexity increase over the first λ (the baseline): what an ordinary
+    /// user loses (teacher) and what the distiller loses (student). The goal of the
+    /// defence is `student_ppl_increase ≥ 2 × teacher_ppl_increase`.
+    pub teacher_ppl_increase: f64,
+    pub student_ppl_increase: f64,
 }
 
 /// The whole evaluation.
@@ -69,9 +77,9 @@ pub struct DefenceEvalReport {
 }
 
 /// Where the responses came from.
-pub const NOTE: &str = "responses generated locally through the engine with the defence \
-on (the server does not run antidistillation sampling yet); student = the proxy's weights \
-fine-tuned with sft on each λ's answers, same budget";
+pub const NOTE: &str = "responses generated locally through the engine with the stage the \
+server uses; every λ (0 included) samples from the teacher's top-k; student = the proxy's \
+weights fine-tuned with sft on each λ's answers, same budget; held-out = plain teacher answers";
 
 /// Prompt tokens (the teacher's chat template) of each prompt text.
 fn chat_prompts(model: &Model, prompts: &[String]) -> Result<Vec<Vec<TokenId>>> {
@@ -110,9 +118,13 @@ fn answers(
     let (mut next, mut done) = (0usize, 0usize);
     while done < prompts.len() {
         while next < prompts.len() && batcher.has_free_slot() {
+            // Every defended point (λ = 0 included) samples from the teacher's top-k
+            // only, as the stage does when λ > 0; otherwise the λ = 0 baseline would
+            // differ from the others by truncation as well as by the defence.
             let params = SamplingParams {
                 temperature: cfg.temperature,
                 seed: cfg.seed.wrapping_add(next as u64),
+                top_k: defence.map_or(0, |(d, _)| d.config().top_k),
                 ..SamplingParams::default()
             };
             let mut sampler = Sampler::new(params, 0);
@@ -250,7 +262,15 @@ pub fn evaluate_defences(
             student_ppl: s_nll.exp(),
             student_train_loss: report.final_loss,
             defence_failures: failures,
+            teacher_ppl_increase: 0.0,
+            student_ppl_increase: 0.0,
         });
+    }
+    if let Some(base) = points.first().cloned() {
+        for p in &mut points {
+            p.teacher_ppl_increase = p.teacher_ppl / base.teacher_ppl - 1.0;
+            p.student_ppl_increase = p.student_ppl / base.student_ppl - 1.0;
+        }
     }
     Ok(DefenceEvalReport {
         points,

@@ -20,9 +20,11 @@ pub mod antidistill;
 mod error;
 pub mod eval;
 mod gradient;
+mod load;
 mod vocab;
 
 pub use antidistill::{Antidistill, AntidistillConfig, AntidistillStage, StageStats};
 pub use error::{DefenceError, Result};
 pub use gradient::{proxy_gradient, GradientReport, ProxyGradient};
+pub use load::{antidistill_for_teacher, load_proxy};
 pub use vocab::check_same_tokenizer;

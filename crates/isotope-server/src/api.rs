@@ -21,15 +21,17 @@ use axum::{Extension, Json};
 use isotope_engine::{ChatMessage, FinishReason, Model};
 use isotope_sampling::{Sampled, Sampler, SamplingParams, TokenId};
 use isotope_store::UsageEvent;
-use isotope_watermark::WatermarkHook;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{now_ms, Caller};
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::openai::{self, Content, Prompt, Usage};
+use crate::policy::ReasoningPolicy;
 use crate::policy::{self, Applied, Shape};
+use crate::reasoning::{self, ReasoningFilter, Segment};
 use crate::scheduler::{Job, JobEvent, SubmitError};
 use crate::{AppState, Engine};
 
@@ -70,8 +72,11 @@ struct Plan {
     id: String,
     created: i64,
     model_name: String,
-    prompt: Vec<TokenId>,
-    /// Logged prompt (messages as JSON for chat, the text for completions).
+    /// One prompt, or several (batched `/v1/completions`): choice `i` answers prompt
+    /// `i / n`, as OpenAI numbers them.
+    prompts: Vec<Vec<TokenId>>,
+    /// Logged prompt (messages as JSON for chat, the text for completions, a JSON
+    /// array of texts for batched prompts).
     prompt_log: String,
     turns: u32,
     params: SamplingParams,
@@ -81,9 +86,9 @@ struct Plan {
     applied: Applied,
     stream: bool,
     include_usage: bool,
-    /// Completions `echo`: the prompt text to prepend, and its scored tokens when
-    /// log-probs were asked for (first token has none).
-    echo: Option<Echo>,
+    /// Completions `echo`, one per prompt: the prompt text to prepend, and its scored
+    /// tokens when log-probs were asked for (first token has none).
+    echo: Option<Vec<Echo>>,
     user: Option<String>,
     temperature: Option<f32>,
 }
@@ -204,7 +209,7 @@ pub async fn chat(
         engine,
         &caller,
         Endpoint::Chat,
-        prompt,
+        vec![prompt],
         prompt_log,
         turns,
         req.max_completion_tokens.or(req.max_tokens),
@@ -243,46 +248,71 @@ pub async fn completions(
         ));
     }
     let model = &engine.model;
-    let (prompt, text) = match req.prompt {
-        Prompt::Text(t) => (model.tokenize(&t, true, false), t),
-        Prompt::Texts(v) if v.len() == 1 => {
-            let t = v.into_iter().next().unwrap_or_default();
-            (model.tokenize(&t, true, false), t)
-        }
-        Prompt::Tokens(ids) => {
-            let text = model.detokenize(&ids);
-            (ids, text)
-        }
-        Prompt::TokenLists(v) if v.len() == 1 => {
-            let ids = v.into_iter().next().unwrap_or_default();
-            let text = model.detokenize(&ids);
-            (ids, text)
-        }
-        Prompt::Texts(_) | Prompt::TokenLists(_) => {
-            return Err(ApiError::invalid_param(
-                "prompt",
-                "Send one prompt per request (batched prompts are not supported); use `n` for \
-                 several completions of the same prompt.",
-            ))
-        }
+    let batch: Vec<(Vec<TokenId>, String)> = match req.prompt {
+        Prompt::Text(t) => vec![(model.tokenize(&t, true, false), t)],
+        Prompt::Texts(v) => v
+            .into_iter()
+            .map(|t| (model.tokenize(&t, true, false), t))
+            .collect(),
+        Prompt::Tokens(ids) => vec![(ids.clone(), model.detokenize(&ids))],
+        Prompt::TokenLists(v) => v
+            .into_iter()
+            .map(|ids| {
+                let text = model.detokenize(&ids);
+                (ids, text)
+            })
+            .collect(),
     };
-    if prompt.is_empty() {
+    if batch.is_empty() {
         return Err(ApiError::invalid_param("prompt", "`prompt` is empty."));
     }
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.n_vocab()) {
+    let max_prompts = app.cfg.max_prompts as usize;
+    if batch.len() > max_prompts {
         return Err(ApiError::invalid_param(
             "prompt",
             format!(
-                "Token id {bad} is outside the vocabulary (size {}).",
-                model.n_vocab()
+                "At most {max_prompts} prompts per request; got {}.",
+                batch.len()
             ),
         ));
+    }
+    // A policy's cap on `n` caps the choices of a request, batched prompts included
+    // (else a capped key would batch its way around it).
+    if let Some(cap) = caller.policy.n {
+        let n = knobs.n.unwrap_or(1) as usize;
+        if batch.len() > 1 && batch.len() * n > cap.max(1) as usize {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!(
+                    "At most {} completions per request for this API key.",
+                    cap.max(1)
+                ),
+            ));
+        }
+    }
+    for (i, (ids, _)) in batch.iter().enumerate() {
+        let param = if batch.len() == 1 {
+            "prompt".to_string()
+        } else {
+            format!("prompt[{i}]")
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid_param(&param, "`prompt` is empty."));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.n_vocab()) {
+            return Err(ApiError::invalid_param(
+                &param,
+                format!(
+                    "Token id {bad} is outside the vocabulary (size {}).",
+                    model.n_vocab()
+                ),
+            ));
+        }
     }
     let k = req.logprobs;
     let echo = req.echo.unwrap_or(false);
     let mut echo_data = None;
     if echo {
-        let mut scores = None;
         if k.is_some() {
             if !app.cfg.allow_echo_logprobs {
                 return Err(ApiError::invalid_param(
@@ -290,22 +320,33 @@ pub async fn completions(
                     "`echo` together with `logprobs` is disabled on this server.",
                 ));
             }
-            let m = Arc::clone(&engine.model);
-            let ids = prompt.clone();
-            let top = k.unwrap_or(0) as usize;
-            let threads = app.cfg.threads;
-            let s = tokio::task::spawn_blocking(move || m.score(&ids, top, threads))
-                .await
-                .map_err(|e| ApiError::internal("scoring the prompt", e))?
-                .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
-            scores = Some(s);
+            if caller.policy.refuse_echo {
+                return Err(ApiError::invalid_param(
+                    "echo",
+                    "`echo` together with `logprobs` is not available for this API key.",
+                ));
+            }
         }
-        echo_data = Some(Echo {
-            text: text.clone(),
-            tokens: prompt.clone(),
-            scores,
-        });
+        let mut echoes = Vec::with_capacity(batch.len());
+        for (ids, text) in &batch {
+            let scores = match k {
+                Some(top) => Some(echo_scores(&app, engine, &caller, ids, top as usize).await?),
+                None => None,
+            };
+            echoes.push(Echo {
+                text: text.clone(),
+                tokens: ids.clone(),
+                scores,
+            });
+        }
+        echo_data = Some(echoes);
     }
+    let prompt_log = if batch.len() == 1 {
+        batch[0].1.clone()
+    } else {
+        serde_json::to_string(&batch.iter().map(|(_, t)| t).collect::<Vec<_>>()).unwrap_or_default()
+    };
+    let prompts: Vec<Vec<TokenId>> = batch.into_iter().map(|(ids, _)| ids).collect();
     // Completions default to 16 tokens, as OpenAI's do.
     let max_tokens = Some(req.max_tokens.unwrap_or(16));
     let plan = plan(
@@ -313,8 +354,8 @@ pub async fn completions(
         engine,
         &caller,
         Endpoint::Completions,
-        prompt,
-        text,
+        prompts,
+        prompt_log,
         1,
         max_tokens,
         k.is_some(),
@@ -325,6 +366,48 @@ pub async fn completions(
     )?;
     let client = client(&caller, &headers);
     run(app.clone(), engine.clone(), caller, client, plan).await
+}
+
+/// The teacher's log-probs of an echoed prompt (`top` alternatives per token), with
+/// the caller's log-prob treatment applied as to generated tokens.
+async fn echo_scores(
+    app: &AppState,
+    engine: &Engine,
+    caller: &Caller,
+    ids: &[TokenId],
+    top: usize,
+) -> Result<Vec<isotope_engine::TokenScore>, ApiError> {
+    let m = Arc::clone(&engine.model);
+    let owned = ids.to_vec();
+    let threads = app.cfg.threads;
+    let scores = tokio::task::spawn_blocking(move || m.score(&owned, top, threads))
+        .await
+        .map_err(|e| ApiError::internal("scoring the prompt", e))?
+        .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
+    let how = logprobs::Obscure {
+        decimals: caller.policy.logprob_decimals,
+        noise: caller.policy.logprob_noise,
+    };
+    if how.is_identity() {
+        return Ok(scores);
+    }
+    let mut noise = logprobs::Noise::fresh();
+    Ok(scores
+        .into_iter()
+        .map(|sc| {
+            let as_sampled = Sampled {
+                token: sc.token,
+                logprob: sc.logprob,
+                top_logprobs: sc.top,
+            };
+            let o = logprobs::obscure(&as_sampled, top, how, &mut noise);
+            isotope_engine::TokenScore {
+                token: o.token,
+                logprob: o.logprob,
+                top: o.top_logprobs,
+            }
+        })
+        .collect())
 }
 
 /// `GET /v1/models`.
@@ -346,7 +429,7 @@ fn plan(
     engine: &Engine,
     caller: &Caller,
     endpoint: Endpoint,
-    prompt: Vec<TokenId>,
+    prompts: Vec<Vec<TokenId>>,
     prompt_log: String,
     turns: u32,
     max_tokens: Option<u32>,
@@ -354,15 +437,17 @@ fn plan(
     top_logprobs: u32,
     top_param: &str,
     knobs: openai::Knobs,
-    echo: Option<Echo>,
+    echo: Option<Vec<Echo>>,
 ) -> Result<Plan, ApiError> {
     let cfg = &app.cfg;
     let ctx = engine.scheduler.ctx_per_slot();
-    if prompt.len() >= ctx {
+    // Every prompt must fit with the completion: the longest decides.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest >= ctx {
         return Err(ApiError::context_length(format!(
             "This model's maximum context length is {ctx} tokens, but the prompt has {} \
              tokens. Shorten the prompt.",
-            prompt.len()
+            longest
         )));
     }
     if top_logprobs > cfg.max_top_logprobs {
@@ -387,7 +472,7 @@ fn plan(
             "`max_tokens` must be at least 1.",
         ));
     }
-    let room = (ctx - prompt.len()) as u32;
+    let room = (ctx - longest) as u32;
     let requested = Shape {
         max_tokens: max_tokens.unwrap_or(room),
         n,
@@ -400,8 +485,8 @@ fn plan(
             "This model's maximum context length is {ctx} tokens. However, you requested {} \
              tokens ({} in the messages, {} in the completion). Reduce the length of the \
              messages or the completion.",
-            prompt.len() as u32 + applied.granted.max_tokens,
-            prompt.len(),
+            longest as u32 + applied.granted.max_tokens,
+            longest,
             applied.granted.max_tokens
         )));
     }
@@ -458,7 +543,7 @@ fn plan(
         id: request_id(id_prefix),
         created: now_ms() / 1000,
         model_name: app.model_name.clone(),
-        prompt,
+        prompts,
         prompt_log,
         turns,
         params,
@@ -477,13 +562,19 @@ fn plan(
 /// One choice as it accumulates.
 #[derive(Default)]
 struct ChoiceState {
+    /// The text returned (after the reasoning policy).
     text: String,
+    /// Tokens whose log-probs are returned (all, unless the reasoning policy hid some).
     tokens: Vec<Sampled>,
+    /// Tokens generated (usage counts these, hidden reasoning included).
+    generated: usize,
     finish: Option<FinishReason>,
     error: Option<String>,
-    /// Characters of text before each token (completions `text_offset`).
+    /// Characters of text before each returned token (completions `text_offset`).
     offsets: Vec<usize>,
     chars: usize,
+    /// The reasoning-trace filter, unless the policy returns reasoning whole.
+    filter: Option<ReasoningFilter>,
 }
 
 impl ChoiceState {
@@ -506,44 +597,65 @@ async fn run(
     plan: Plan,
 ) -> Result<Response, ApiError> {
     let n = plan.applied.granted.n as usize;
+    let total = n * plan.prompts.len();
     let greedy = plan.params.is_greedy();
     let mut scheme_applied = None;
-    let samplers: Vec<Sampler> = (0..n)
-        .map(|choice| {
-            let sampler = Sampler::new(plan.params.clone(), choice as u64);
-            if !app.cfg.watermark {
-                return sampler;
-            }
-            let hook = WatermarkHook::new(
-                Arc::clone(&app.watermark.key),
-                &app.watermark.scheme,
-                Arc::clone(&engine.excluded),
-                greedy,
-            );
-            scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
-            sampler.with_hook(Box::new(hook))
-        })
-        .collect();
+    // Antidistillation before the watermark: the stage reshapes the teacher's
+    // distribution, the watermark then biases whatever is left (so detection is
+    // unchanged), and the returned log-probs describe the distribution actually
+    // sampled from.
+    let lambda = plan.applied.treatment.antidistill_lambda;
+    let mut sampler_for = |choice: usize| {
+        let mut sampler = Sampler::new(plan.params.clone(), choice as u64);
+        if let (Some(lambda), Some(defence)) = (lambda, &engine.defence) {
+            sampler = sampler.with_adjust(Box::new(defence.stage_with_lambda(lambda)));
+        }
+        if !app.cfg.watermark {
+            return sampler;
+        }
+        let hook = app.watermark.hook(&engine.excluded, greedy);
+        scheme_applied.get_or_insert_with(|| hook.scheme().to_string());
+        sampler.with_hook(Box::new(hook))
+    };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let granted = &plan.applied.granted;
-    let job = Job {
-        prompt: plan.prompt.clone(),
-        samplers,
-        max_tokens: plan.max_tokens as usize,
-        stop: plan.stop.clone(),
-        top_logprobs: if granted.logprobs {
-            granted.top_logprobs as usize
-        } else {
-            0
-        },
-        events: events_tx,
-    };
-    engine.scheduler.submit(job).map_err(|e| match e {
-        SubmitError::Overloaded => ApiError::unavailable(
-            "The server is overloaded (the request queue is full); retry with backoff.",
-        ),
-        SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
-    })?;
+    // One job per prompt, choices numbered prompt-major on one channel. If the queue
+    // fills half-way, dropping the receiver (the `?` below) cancels what was queued.
+    for (p, prompt) in plan.prompts.iter().enumerate() {
+        let job = Job {
+            prompt: prompt.clone(),
+            samplers: (p * n..(p + 1) * n).map(&mut sampler_for).collect(),
+            first_choice: p * n,
+            max_tokens: plan.max_tokens as usize,
+            stop: plan.stop.clone(),
+            top_logprobs: if granted.logprobs {
+                granted.top_logprobs as usize
+            } else {
+                0
+            },
+            events: events_tx.clone(),
+        };
+        engine.scheduler.submit(job).map_err(|e| match e {
+            SubmitError::Overloaded => ApiError::unavailable(
+                "The server is overloaded (the request queue is full); retry with backoff.",
+            ),
+            SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
+        })?;
+    }
+    drop(events_tx);
+    // A template (or a completions prompt) that opens a reasoning section means the
+    // answer starts inside it.
+    let reasoning = plan.applied.treatment.reasoning != ReasoningPolicy::Whole;
+    let opens_section: Vec<bool> = plan
+        .prompts
+        .iter()
+        .map(|prompt| {
+            reasoning && {
+                let tail = &prompt[prompt.len().saturating_sub(8)..];
+                ReasoningFilter::prompt_opens_section(&engine.model.detokenize(tail))
+            }
+        })
+        .collect();
     let driver = Driver {
         app: app.clone(),
         model: Arc::clone(&engine.model),
@@ -552,8 +664,14 @@ async fn run(
         scheme: scheme_applied,
         started: Instant::now(),
         started_ms: now_ms(),
-        choices: (0..n).map(|_| ChoiceState::default()).collect(),
+        choices: (0..total)
+            .map(|i| ChoiceState {
+                filter: reasoning.then(|| ReasoningFilter::new(opens_section[i / n.max(1)])),
+                ..ChoiceState::default()
+            })
+            .collect(),
         plan,
+        noise: logprobs::Noise::fresh(),
     };
     if driver.plan.stream {
         let (tx, rx) = mpsc::channel(256);
@@ -586,6 +704,8 @@ struct Driver {
     started_ms: i64,
     choices: Vec<ChoiceState>,
     plan: Plan,
+    /// Noise for returned log-probabilities (policy), fresh per request.
+    noise: logprobs::Noise,
 }
 
 impl Driver {
@@ -633,8 +753,9 @@ impl Driver {
                                 partial = true;
                             }
                         }
-                    } else if let Some(echo) = &self.plan.echo {
+                    } else if let Some(echoes) = &self.plan.echo {
                         for i in 0..self.choices.len() {
+                            let echo = &echoes[self.prompt_of(i)];
                             let lp = self.echo_logprobs(echo);
                             let chunk = self.completion_chunk(i, &echo.text, lp, None);
                             if tx.send(Ok(chunk)).await.is_err() {
@@ -647,10 +768,15 @@ impl Driver {
                     }
                 }
             }
-            let out = self.absorb(ev);
-            if let (Sink::Stream(tx), Some(out)) = (&sink, out) {
-                if tx.send(Ok(out)).await.is_err() {
-                    partial = true;
+            let out = self.absorb(ev).await;
+            if let Sink::Stream(tx) = &sink {
+                for chunk in out {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        partial = true;
+                        break;
+                    }
+                }
+                if partial {
                     break;
                 }
             }
@@ -736,39 +862,53 @@ impl Driver {
         }
     }
 
-    /// Fold one engine event into the state; returns the SSE chunk to send, if any.
-    fn absorb(&mut self, ev: JobEvent) -> Option<SseEvent> {
+    /// Fold one engine event into the state; returns the SSE chunks to send (none
+    /// when not streaming).
+    async fn absorb(&mut self, ev: JobEvent) -> Vec<SseEvent> {
         match ev {
             JobEvent::Token {
                 choice,
                 sampled,
                 text,
             } => {
-                let c = &mut self.choices[choice];
-                c.offsets.push(c.chars);
-                c.chars += text.chars().count();
-                c.text.push_str(&text);
-                let want_lp = self.plan.applied.granted.logprobs;
-                let chunk = (!text.is_empty() || want_lp).then(|| match self.plan.endpoint {
-                    Endpoint::Chat => {
-                        let lp =
-                            want_lp.then(|| json!({"content": [self.token_logprob(&sampled)]}));
-                        self.chat_chunk(choice, json!({"content": text}), lp, None)
-                    }
-                    Endpoint::Completions => {
-                        let offset = self.choices[choice].offsets.last().copied().unwrap_or(0);
-                        let lp = want_lp.then(|| {
-                            self.completion_logprobs(std::slice::from_ref(&sampled), &[offset])
-                        });
-                        self.completion_chunk(choice, &text, lp, None)
-                    }
-                });
-                self.choices[choice].tokens.push(sampled);
-                if self.plan.stream {
-                    chunk
+                let granted = &self.plan.applied.granted;
+                let want_lp = granted.logprobs;
+                let sampled = if want_lp {
+                    let t = &self.plan.applied.treatment;
+                    let how = logprobs::Obscure {
+                        decimals: t.logprob_decimals,
+                        noise: t.logprob_noise,
+                    };
+                    logprobs::obscure(
+                        &sampled,
+                        granted.top_logprobs as usize,
+                        how,
+                        &mut self.noise,
+                    )
                 } else {
-                    None
+                    sampled
+                };
+                let c = &mut self.choices[choice];
+                c.generated += 1;
+                let (segments, hidden) = match &mut c.filter {
+                    None => (vec![Segment::Text(text)], false),
+                    Some(f) => {
+                        let out = f.push(&text);
+                        (out.segments, out.hidden)
+                    }
+                };
+                // The token's log-prob entry goes out with its first visible text (or
+                // alone when it has none yet), never for a hidden token.
+                let mut entry = (!hidden).then_some(sampled);
+                let mut out = Vec::new();
+                for seg in segments {
+                    let text = self.segment_text(seg).await;
+                    out.extend(self.emit(choice, &text, entry.take()));
                 }
+                if entry.is_some() {
+                    out.extend(self.emit(choice, "", entry));
+                }
+                out
             }
             JobEvent::Finished {
                 choice,
@@ -776,25 +916,169 @@ impl Driver {
                 text,
                 ..
             } => {
-                let c = &mut self.choices[choice];
-                c.text.push_str(&text);
-                c.chars += text.chars().count();
-                c.finish = Some(reason);
-                (self.plan.stream && !text.is_empty()).then(|| match self.plan.endpoint {
-                    Endpoint::Chat => self.chat_chunk(choice, json!({"content": text}), None, None),
-                    Endpoint::Completions => self.completion_chunk(choice, &text, None, None),
-                })
+                let mut segments = Vec::new();
+                match &mut self.choices[choice].filter {
+                    None => segments.push(Segment::Text(text)),
+                    Some(f) => {
+                        segments.extend(f.push(&text).segments);
+                        segments.extend(f.finish());
+                    }
+                }
+                let mut out = Vec::new();
+                for seg in segments {
+                    let text = self.segment_text(seg).await;
+                    out.extend(self.emit(choice, &text, None));
+                }
+                self.choices[choice].finish = Some(reason);
+                out
             }
             JobEvent::Failed { choice, message } => {
                 self.choices[choice].error = Some(message);
-                None
+                Vec::new()
             }
         }
     }
 
+    /// Append `text` (and a returned token) to a choice; the SSE chunk for it when
+    /// streaming and there is something to send.
+    fn emit(&mut self, choice: usize, text: &str, token: Option<Sampled>) -> Option<SseEvent> {
+        let c = &mut self.choices[choice];
+        let offset = c.chars;
+        c.chars += text.chars().count();
+        c.text.push_str(text);
+        let want_lp = self.plan.applied.granted.logprobs;
+        let lp_token = token.filter(|_| want_lp);
+        if let Some(t) = &lp_token {
+            c.offsets.push(offset);
+            c.tokens.push(t.clone());
+        }
+        if !self.plan.stream || (text.is_empty() && lp_token.is_none()) {
+            return None;
+        }
+        Some(match self.plan.endpoint {
+            Endpoint::Chat => {
+                let lp = lp_token
+                    .as_ref()
+                    .map(|s| json!({"content": [self.token_logprob(s)]}));
+                self.chat_chunk(choice, json!({"content": text}), lp, None)
+            }
+            Endpoint::Completions => {
+                let lp = lp_token
+                    .as_ref()
+                    .map(|s| self.completion_logprobs(std::slice::from_ref(s), &[offset]));
+                self.completion_chunk(choice, text, lp, None)
+            }
+        })
+    }
+
+    /// The text a filtered segment becomes under the reasoning policy.
+    async fn segment_text(&self, seg: Segment) -> String {
+        match seg {
+            Segment::Text(t) => t,
+            Segment::Section(reasoning) => match self.plan.applied.treatment.reasoning {
+                ReasoningPolicy::Whole => {
+                    format!("{}{reasoning}{}", reasoning::OPEN, reasoning::CLOSE)
+                }
+                ReasoningPolicy::Withhold => String::new(),
+                ReasoningPolicy::Summarise => match self.summarise(&reasoning).await {
+                    Ok(summary) => {
+                        format!("{}{}{}", reasoning::OPEN, summary.trim(), reasoning::CLOSE)
+                    }
+                    Err(e) => {
+                        // Failing closed: a summary that cannot be written is withheld.
+                        tracing::warn!("reasoning summary failed, withheld instead: {e}");
+                        metrics::counter!("isotope_reasoning_summary_failures_total").increment(1);
+                        String::new()
+                    }
+                },
+            },
+        }
+    }
+
+    /// The second pass of `summarise`: the model condenses its own reasoning, through
+    /// the same scheduler (batched with everything else) and watermarked like any
+    /// other output. Its tokens are the provider's cost, not counted in `usage`.
+    async fn summarise(&self, reasoning: &str) -> Result<String, String> {
+        const SUMMARY_TOKENS: usize = 64;
+        let engine = self
+            .app
+            .engine
+            .get()
+            .ok_or_else(|| "the engine is not loaded".to_string())?;
+        let model = &engine.model;
+        // Keep the end of a long section: the conclusion is what a summary needs.
+        let budget = engine
+            .scheduler
+            .ctx_per_slot()
+            .saturating_sub(SUMMARY_TOKENS + 96);
+        let mut ids = model.tokenize(reasoning, false, false);
+        if ids.len() > budget {
+            ids.drain(..ids.len() - budget);
+        }
+        let tail = model.detokenize(&ids);
+        let messages = [
+            ChatMessage::new(
+                "system",
+                "You summarise reasoning briefly. Do not solve anything new.".to_string(),
+            ),
+            ChatMessage::new(
+                "user",
+                format!("Summarise this reasoning in at most two sentences:\n\n{tail}"),
+            ),
+        ];
+        let prompt = model.chat_tokens(&messages).map_err(|e| e.to_string())?;
+        if prompt.len() + SUMMARY_TOKENS >= engine.scheduler.ctx_per_slot() {
+            return Err("the reasoning does not fit the context".into());
+        }
+        let params = SamplingParams {
+            temperature: 0.7,
+            seed: self.plan.params.seed ^ 0x5eed_5a11,
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, 0);
+        if self.app.cfg.watermark {
+            sampler = sampler.with_hook(Box::new(self.app.watermark.hook(&engine.excluded, false)));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine
+            .scheduler
+            .submit(Job {
+                prompt,
+                samplers: vec![sampler],
+                first_choice: 0,
+                max_tokens: SUMMARY_TOKENS,
+                stop: Vec::new(),
+                top_logprobs: 0,
+                events: tx,
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                JobEvent::Token { text: t, .. } => text.push_str(&t),
+                JobEvent::Finished { text: t, .. } => {
+                    text.push_str(&t);
+                    return Ok(text);
+                }
+                JobEvent::Failed { message, .. } => return Err(message),
+            }
+        }
+        Err("the engine stopped".into())
+    }
+
+    /// Prompt tokens of the request (all prompts of a batch).
+    fn prompt_tokens(&self) -> usize {
+        self.plan.prompts.iter().map(Vec::len).sum()
+    }
+
+    /// The prompt choice `i` answers.
+    fn prompt_of(&self, choice: usize) -> usize {
+        choice / (self.plan.applied.granted.n.max(1) as usize)
+    }
+
     fn usage(&self) -> Usage {
-        let completion: usize = self.choices.iter().map(|c| c.tokens.len()).sum();
-        Usage::new(self.plan.prompt.len(), completion)
+        let completion: usize = self.choices.iter().map(|c| c.generated).sum();
+        Usage::new(self.prompt_tokens(), completion)
     }
 
     fn chunk_base(&self) -> Value {
@@ -941,7 +1225,8 @@ impl Driver {
                     Endpoint::Completions => {
                         let (mut text, mut lp) = (String::new(), None);
                         let mut shift = 0;
-                        if let Some(echo) = &self.plan.echo {
+                        if let Some(echoes) = &self.plan.echo {
+                            let echo = &echoes[self.prompt_of(i)];
                             text.push_str(&echo.text);
                             shift = echo.text.chars().count();
                             lp = self.echo_logprobs(echo);
@@ -1004,7 +1289,7 @@ impl Driver {
             turns: self.plan.turns,
             completion_hash: Some(sha256_hex(&completion)),
             completion_text: store.then_some(completion),
-            prompt_tokens: self.plan.prompt.len() as u32,
+            prompt_tokens: self.prompt_tokens() as u32,
             completion_tokens: self.usage().completion_tokens,
             n: self.plan.applied.requested.n,
             logprobs: self.plan.applied.requested.logprobs,

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_top_logprobs: u32,
     /// Largest `n`.
     pub max_n: u32,
+    /// Most prompts in one batched `/v1/completions` request (each is answered `n`
+    /// times; choice `i` answers prompt `i / n`).
+    pub max_prompts: u32,
     /// Allow `/v1/completions` with `echo` and `logprobs` together: that returns the
     /// model's log-probabilities of arbitrary client text — a teacher's soft labels on
     /// demand — so it is off unless the operator turns it on.
@@ -72,6 +75,36 @@ pub struct ServerConfig {
     pub trust_forwarded_for: bool,
     /// The online sentinel (`[sentinel]` in isotope.toml).
     pub sentinel: SentinelSettings,
+    /// Antidistillation sampling's proxy (`[defence]`); the policy table says for
+    /// which levels it is on, and how strong.
+    pub defence: DefenceSettings,
+}
+
+/// `[defence]`: the proxy student antidistillation sampling consults. Loaded at
+/// start-up only when some level of the policy table sets `antidistill_lambda`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenceSettings {
+    /// A student directory (`isotope distill train`) or a GGUF with the teacher's
+    /// tokenizer.
+    pub proxy: Option<PathBuf>,
+    /// Its held-out gradient (`isotope defence gradient --out`).
+    pub gradient: Option<PathBuf>,
+    /// Finite-difference step ε.
+    pub eps: f64,
+    /// Teacher candidates adjusted per step (others are removed when λ > 0).
+    pub top_k: usize,
+}
+
+impl Default for DefenceSettings {
+    fn default() -> Self {
+        Self {
+            proxy: None,
+            gradient: None,
+            eps: 1e-2,
+            top_k: 32,
+        }
+    }
 }
 
 /// `[sentinel]`: harvesting detection inside `isotope serve`.
@@ -147,6 +180,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             max_top_logprobs: 20,
             max_n: 8,
+            max_prompts: 16,
             allow_echo_logprobs: false,
             store_texts: true,
             retention_days: None,
@@ -157,6 +191,7 @@ impl Default for ServerConfig {
             admin_token: None,
             trust_forwarded_for: false,
             sentinel: SentinelSettings::default(),
+            defence: DefenceSettings::default(),
         }
     }
 }
@@ -173,6 +208,31 @@ impl ServerConfig {
     pub fn is_fleet(&self) -> bool {
         let url = self.database_url();
         url.starts_with("postgres://") || url.starts_with("postgresql://")
+    }
+
+    /// Check the policy table and that the defence it asks for is configured; the
+    /// message says what to set.
+    pub fn check_policy(&self) -> anyhow::Result<()> {
+        self.policy.validate().map_err(anyhow::Error::msg)?;
+        let d = &self.defence;
+        match (&d.proxy, &d.gradient) {
+            (Some(_), None) | (None, Some(_)) => anyhow::bail!(
+                "[defence] needs both `proxy` and `gradient` (the gradient comes from \
+                 `isotope defence gradient --proxy P --tasks T --out G`)"
+            ),
+            (None, None) if self.policy.uses_antidistill() => anyhow::bail!(
+                "the policy table sets `antidistill_lambda` but no proxy is configured: \
+                 set [defence] proxy and gradient (or --defence-proxy/--defence-gradient), \
+                 or remove antidistill_lambda"
+            ),
+            _ => {}
+        }
+        for p in [&d.proxy, &d.gradient].into_iter().flatten() {
+            if !p.exists() {
+                anyhow::bail!("[defence] file {} not found", p.display());
+            }
+        }
+        Ok(())
     }
 
     /// The model id served.

@@ -17,8 +17,10 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod loadgen;
+pub mod logprobs;
 pub mod openai;
 pub mod policy;
+pub mod reasoning;
 pub mod scheduler;
 pub mod sentinel;
 
@@ -50,6 +52,11 @@ pub struct Engine {
     pub scheduler: scheduler::Scheduler,
     /// Control tokens the watermark never biases (from the model's vocabulary).
     pub excluded: ExcludedTokens,
+    /// Antidistillation sampling's shared proxies, when some policy level uses them.
+    pub defence: Option<Arc<isotope_defence::Antidistill>>,
+    /// (window, token) tuples common in human text, left out by `/admin/detect` as by
+    /// `isotope detect` (`None` when the built-in list does not fit this model).
+    pub common: Option<Arc<isotope_watermark::CommonTuples>>,
 }
 
 /// The watermark applied to every response.
@@ -58,6 +65,23 @@ pub struct Watermark {
     pub scheme: Scheme,
     /// Every key detection should try (the active one first), for rotation.
     pub detection_keys: Vec<Arc<WatermarkKey>>,
+}
+
+impl Watermark {
+    /// The sampler hook for one sequence with the active key (`greedy`: the request
+    /// samples at temperature 0, where the hook picks a scheme that survives it).
+    pub fn hook(
+        &self,
+        excluded: &ExcludedTokens,
+        greedy: bool,
+    ) -> isotope_watermark::WatermarkHook {
+        isotope_watermark::WatermarkHook::new(
+            Arc::clone(&self.key),
+            &self.scheme,
+            Arc::clone(excluded),
+            greedy,
+        )
+    }
 }
 
 /// Shared state of every handler.
@@ -187,6 +211,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let admin = Router::new()
         .route("/admin/alerts", get(admin_alerts))
+        .route("/admin/detect", post(admin_detect))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .merge(v1)
@@ -277,6 +302,55 @@ async fn admin_alerts(State(app): State<AppState>) -> Result<Response, ApiError>
     Ok(Json(json!({"object": "list", "data": alerts})).into_response())
 }
 
+/// `POST /admin/detect` `{"text": …}`: watermark detection with every key the server
+/// knows (the active one and the rotated-out `detection_keys`), corrected for testing
+/// them all — the provider's own check of a text, without shipping keys to a laptop.
+async fn admin_detect(
+    State(app): State<AppState>,
+    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        text: String,
+    }
+    let raw =
+        raw.map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}")))?;
+    let body: Body = openai::parse_body(&raw)?;
+    if body.text.trim().is_empty() {
+        return Err(ApiError::invalid_param("text", "`text` is empty."));
+    }
+    let engine = app
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading; retry shortly."))?
+        .clone();
+    let wm = Arc::clone(&app.watermark);
+    let report = tokio::task::spawn_blocking(move || {
+        let tokens = engine.model.tokenize(&body.text, false, false);
+        let multi = isotope_watermark::detect_multi_key(
+            &wm.detection_keys,
+            &wm.scheme,
+            &engine.excluded,
+            engine.common.as_ref(),
+            &tokens,
+        );
+        json!({
+            "scheme": wm.scheme.to_string(),
+            "p_value": multi.p_value,
+            "log10_p_value": multi.log10_p_value,
+            "scored_tokens": multi.per_key.iter().map(|d| d.scored_tokens).max().unwrap_or(0),
+            "tokens": tokens.len(),
+            "key_id": multi.best_key_id,
+            "keys_tested": wm.detection_keys.len(),
+            "common_filter": engine.common.is_some(),
+            "per_key": multi.per_key,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal("detection", e))?;
+    Ok(Json(report).into_response())
+}
+
 /// Run the server until `shutdown` resolves. Binds first (so `/health` answers 503
 /// while the model loads), then loads the model and starts the scheduler, then calls
 /// `on_ready`.
@@ -303,6 +377,7 @@ pub async fn serve(
     // A configured sentinel model is read now, so a bad file stops the start-up; the
     // built-in one is trained in the background.
     sentinel::check_settings(&cfg.sentinel)?;
+    cfg.check_policy()?;
     let sentinel_model = match (&cfg.sentinel.model, cfg.sentinel.enabled) {
         (Some(_), true) => Some(sentinel::load_model(&cfg.sentinel)?),
         _ => None,
@@ -386,8 +461,23 @@ pub async fn serve(
     let load_started = Instant::now();
     let load_cfg = Arc::clone(&cfg);
     let loaded = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(Arc<Model>, scheduler::Scheduler)> {
+        move || -> anyhow::Result<(Arc<Model>, scheduler::Scheduler, Option<Arc<isotope_defence::Antidistill>>)> {
             let model = Arc::new(Model::load(&load_cfg.model, &LoadOptions::default())?);
+            let defence = match (&load_cfg.defence.proxy, &load_cfg.defence.gradient) {
+                (Some(proxy), Some(grad)) => {
+                    let d = &load_cfg.defence;
+                    let cfg = isotope_defence::AntidistillConfig {
+                        lambda: 1.0,
+                        eps: d.eps,
+                        top_k: d.top_k,
+                    };
+                    Some(
+                        isotope_defence::antidistill_for_teacher(&model, proxy, grad, cfg)
+                            .context("loading the antidistillation proxy ([defence])")?,
+                    )
+                }
+                _ => None,
+            };
             let batch = BatchConfig {
                 slots: load_cfg.slots,
                 ctx_per_slot: load_cfg.ctx_per_slot.min(model.n_ctx_train()),
@@ -395,10 +485,10 @@ pub async fn serve(
                 threads: load_cfg.threads,
             };
             let sched = scheduler::Scheduler::start(Arc::clone(&model), batch, load_cfg.queue)?;
-            Ok((model, sched))
+            Ok((model, sched, defence))
         },
     );
-    let (model, sched) = tokio::select! {
+    let (model, sched, defence) = tokio::select! {
         r = loaded => r.context("model loading task")??,
         _ = &mut shutdown => {
             let _ = server.await;
@@ -410,10 +500,19 @@ pub async fn serve(
             bail!("the HTTP server stopped while the model was loading");
         }
     };
+    let common = match isotope_eval::shipped_common_tuples(&model) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!("/admin/detect scores every tuple: {e}");
+            None
+        }
+    };
     let _ = engine_cell.set(Arc::new(Engine {
         excluded: model.control_mask().into(),
+        common,
         model,
         scheduler: sched,
+        defence,
     }));
     if let Some(days) = cfg.retention_days {
         let store = Arc::clone(&store);

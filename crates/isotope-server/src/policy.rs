@@ -40,6 +40,21 @@ pub struct LevelPolicy {
     pub rate_divisor: u32,
     /// Refuse every request (403).
     pub block: bool,
+    /// Round returned log-probabilities to this many decimals (0–6). Rounding hides
+    /// the small differences a student learns most from while a person reading
+    /// "-0.3" loses nothing.
+    pub logprob_decimals: Option<u32>,
+    /// Standard deviation (nats) of Gaussian noise on returned log-probabilities; see
+    /// [`crate::logprobs::obscure`] for how the noise keeps a proper distribution.
+    pub logprob_noise: Option<f32>,
+    /// Refuse `echo` together with `logprobs` (the teacher's log-probabilities of
+    /// client-chosen text) even where the server allows it.
+    pub refuse_echo: bool,
+    /// Antidistillation sampling at this strength λ (needs `[defence]` in the
+    /// config: a proxy student and its gradient). `None` or 0: off.
+    pub antidistill_lambda: Option<f32>,
+    /// What happens to a reasoning section (`<think>…</think>`) of the answer.
+    pub reasoning: ReasoningPolicy,
 }
 
 impl Default for LevelPolicy {
@@ -51,7 +66,67 @@ impl Default for LevelPolicy {
             drop_logprobs: false,
             rate_divisor: 1,
             block: false,
+            logprob_decimals: None,
+            logprob_noise: None,
+            refuse_echo: false,
+            antidistill_lambda: None,
+            reasoning: ReasoningPolicy::Whole,
         }
+    }
+}
+
+/// What a response's reasoning section becomes — as providers do with hidden chain of
+/// thought: the tokens are still generated (the answer depends on them) and counted,
+/// but a suspected harvester need not receive them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningPolicy {
+    /// Returned as generated.
+    #[default]
+    Whole,
+    /// Replaced by a short summary the model writes in a second pass.
+    Summarise,
+    /// Removed; only the answer after it is returned.
+    Withhold,
+}
+
+impl LevelPolicy {
+    /// Check ranges; the message names the setting (`level` is the table key).
+    pub fn validate(&self, level: Level) -> Result<(), String> {
+        let at = |what: &str| format!("policy.{}.{what}", level.as_str());
+        if self.rate_divisor == 0 {
+            return Err(format!("{} must be at least 1", at("rate_divisor")));
+        }
+        if self.logprob_decimals.is_some_and(|d| d > 6) {
+            return Err(format!(
+                "{} must be between 0 and 6",
+                at("logprob_decimals")
+            ));
+        }
+        if self
+            .logprob_noise
+            .is_some_and(|s| !(s.is_finite() && (0.0..=10.0).contains(&s)))
+        {
+            return Err(format!(
+                "{} must be a standard deviation in nats between 0 and 10",
+                at("logprob_noise")
+            ));
+        }
+        if self
+            .antidistill_lambda
+            .is_some_and(|l| !(l.is_finite() && l >= 0.0))
+        {
+            return Err(format!(
+                "{} must be a finite number ≥ 0",
+                at("antidistill_lambda")
+            ));
+        }
+        Ok(())
+    }
+
+    /// The antidistillation strength in force (`None` when off).
+    pub fn lambda(&self) -> Option<f32> {
+        self.antidistill_lambda.filter(|&l| l > 0.0)
     }
 }
 
@@ -74,6 +149,8 @@ impl Default for PolicyTable {
             throttle: LevelPolicy {
                 rate_divisor: 4,
                 top_logprobs: Some(5),
+                logprob_decimals: Some(1),
+                refuse_echo: true,
                 ..LevelPolicy::default()
             },
             degrade: LevelPolicy {
@@ -81,6 +158,8 @@ impl Default for PolicyTable {
                 drop_logprobs: true,
                 max_tokens: Some(256),
                 n: Some(1),
+                refuse_echo: true,
+                reasoning: ReasoningPolicy::Withhold,
                 ..LevelPolicy::default()
             },
             block: LevelPolicy {
@@ -92,6 +171,20 @@ impl Default for PolicyTable {
 }
 
 impl PolicyTable {
+    /// Check every level's ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        Level::ALL
+            .iter()
+            .try_for_each(|&l| self.for_level(l).validate(l))
+    }
+
+    /// Whether some level switches antidistillation sampling on.
+    pub fn uses_antidistill(&self) -> bool {
+        Level::ALL
+            .iter()
+            .any(|&l| self.for_level(l).lambda().is_some())
+    }
+
     pub fn for_level(&self, level: Level) -> &LevelPolicy {
         match level {
             Level::Observe => &self.observe,
@@ -114,6 +207,18 @@ pub struct Shape {
     pub top_logprobs: u32,
 }
 
+/// How the output is treated beyond its shape (what the client cannot ask for).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Treatment {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprob_decimals: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprob_noise: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub antidistill_lambda: Option<f32>,
+    pub reasoning: ReasoningPolicy,
+}
+
 /// A policy decision, recorded on the usage event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Applied {
@@ -122,12 +227,14 @@ pub struct Applied {
     pub requested: Shape,
     /// What it gets.
     pub granted: Shape,
+    /// How the output is treated.
+    pub treatment: Treatment,
 }
 
 impl Applied {
     /// True when the policy changed nothing.
     pub fn unchanged(&self) -> bool {
-        self.requested == self.granted
+        self.requested == self.granted && self.treatment == Treatment::default()
     }
 }
 
@@ -147,10 +254,20 @@ pub fn apply(level: Level, policy: &LevelPolicy, requested: Shape) -> Applied {
         granted.logprobs = false;
         granted.top_logprobs = 0;
     }
+    let treatment = Treatment {
+        // Log-prob treatment only matters when log-probs are returned.
+        logprob_decimals: policy.logprob_decimals.filter(|_| granted.logprobs),
+        logprob_noise: policy
+            .logprob_noise
+            .filter(|&s| granted.logprobs && s > 0.0),
+        antidistill_lambda: policy.lambda(),
+        reasoning: policy.reasoning,
+    };
     Applied {
         level,
         requested,
         granted,
+        treatment,
     }
 }
 
@@ -197,8 +314,106 @@ mod tests {
                 top_logprobs: 0
             }
         );
+        assert_eq!(
+            t.treatment,
+            Treatment {
+                logprob_decimals: Some(1),
+                ..Treatment::default()
+            }
+        );
+        assert_eq!(
+            d.treatment,
+            Treatment {
+                reasoning: ReasoningPolicy::Withhold,
+                ..Treatment::default()
+            }
+        );
+        assert!(table.for_level(Level::Throttle).refuse_echo);
+        assert!(table.for_level(Level::Degrade).refuse_echo);
+        assert!(!table.for_level(Level::Observe).refuse_echo);
         assert!(table.for_level(Level::Block).block);
         assert!(!table.for_level(Level::Degrade).block);
+    }
+
+    /// A table that sets every lever at every level except `observe`: the benign
+    /// level must still come out untouched, and each other level gets exactly its own
+    /// settings.
+    #[test]
+    fn every_lever_applies_at_its_level_only() {
+        let strict = |i: u32| LevelPolicy {
+            max_tokens: Some(100 + i),
+            top_logprobs: Some(i),
+            n: Some(1),
+            drop_logprobs: false,
+            rate_divisor: 2,
+            block: false,
+            logprob_decimals: Some(i),
+            logprob_noise: Some(0.1 * i as f32),
+            refuse_echo: true,
+            antidistill_lambda: Some(i as f32),
+            reasoning: ReasoningPolicy::Summarise,
+        };
+        let table = PolicyTable {
+            observe: LevelPolicy::default(),
+            flag: strict(1),
+            throttle: strict(2),
+            degrade: strict(3),
+            block: strict(4),
+        };
+        table.validate().unwrap();
+        assert!(table.uses_antidistill());
+        let o = apply(Level::Observe, table.for_level(Level::Observe), ask());
+        assert!(o.unchanged(), "benign level changed: {o:?}");
+        for (i, level) in [Level::Flag, Level::Throttle, Level::Degrade, Level::Block]
+            .into_iter()
+            .enumerate()
+        {
+            let i = i as u32 + 1;
+            let a = apply(level, table.for_level(level), ask());
+            assert_eq!(a.level, level);
+            assert_eq!(
+                a.granted,
+                Shape {
+                    max_tokens: 100 + i,
+                    n: 1,
+                    logprobs: true,
+                    top_logprobs: i
+                }
+            );
+            assert_eq!(
+                a.treatment,
+                Treatment {
+                    logprob_decimals: Some(i),
+                    logprob_noise: Some(0.1 * i as f32),
+                    antidistill_lambda: Some(i as f32),
+                    reasoning: ReasoningPolicy::Summarise,
+                }
+            );
+        }
+        // Log-prob treatment is not recorded when no log-probs are returned.
+        let no_lp = Shape {
+            logprobs: false,
+            top_logprobs: 0,
+            ..ask()
+        };
+        let a = apply(Level::Flag, table.for_level(Level::Flag), no_lp);
+        assert_eq!(a.treatment.logprob_decimals, None);
+        assert_eq!(a.treatment.logprob_noise, None);
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut table = PolicyTable::default();
+        table.degrade.logprob_noise = Some(-1.0);
+        let e = table.validate().unwrap_err();
+        assert!(e.contains("policy.degrade.logprob_noise"), "{e}");
+        let mut table = PolicyTable::default();
+        table.flag.antidistill_lambda = Some(f32::NAN);
+        assert!(table
+            .validate()
+            .unwrap_err()
+            .contains("policy.flag.antidistill_lambda"));
+        assert!(!PolicyTable::default().uses_antidistill());
     }
 
     #[test]

@@ -22,8 +22,11 @@ use tokio::sync::mpsc;
 /// One request's work: a prompt and one sampler per choice.
 pub struct Job {
     pub prompt: Vec<TokenId>,
-    /// One sampler per choice, index = choice index.
+    /// One sampler per choice; choice index = `first_choice` + position.
     pub samplers: Vec<Sampler>,
+    /// Index of the first choice (several jobs of one request — batched prompts —
+    /// share an event channel and number their choices consecutively).
+    pub first_choice: usize,
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub top_logprobs: usize,
@@ -240,10 +243,10 @@ fn run(model: Arc<Model>, cfg: BatchConfig, mut rx: mpsc::Receiver<Job>, load: A
 
 fn enqueue(waiting: &mut VecDeque<Waiting>, job: Job) {
     let shared = Arc::new(JobShared { events: job.events });
-    for (choice, sampler) in job.samplers.into_iter().enumerate() {
+    for (i, sampler) in job.samplers.into_iter().enumerate() {
         waiting.push_back(Waiting {
             job: Arc::clone(&shared),
-            choice,
+            choice: job.first_choice + i,
             req: GenerationRequest {
                 prompt: job.prompt.clone(),
                 sampler,

@@ -32,10 +32,10 @@ pub use error::{redact_url, Result, StoreError};
 pub use keys::{KEY_ID_PREFIX, TOKEN_PREFIX};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-pub use store::{Store, RATE_WINDOW_MS};
+pub use store::{Store, RATE_WINDOW_MS, TRACE_REREAD_OVERLAP};
 pub use types::{
     Account, Alert, ApiKeyRecord, Backend, KeyLimits, Level, ManualLevel, NewApiKey, RateWindow,
-    UsageEvent, PIN_PREFIX,
+    TraceCandidate, TraceEntry, UsageEvent, PIN_PREFIX,
 };
 pub use writer::{UsageWriter, WriterStats};
 

@@ -83,6 +83,14 @@ pub(crate) fn check_account_name(name: &str) -> Result<&str> {
     Ok(name)
 }
 
+/// `$first, $first+1, …` (`n` placeholders), for IN lists built at run time.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Reads column `col`, mapping decode failures to [`StoreError::Query`].
 fn get<'r, R, T>(row: &'r R, col: &str) -> Result<T>
 where
@@ -702,6 +710,156 @@ macro_rules! impl_store {
                     "find completions by hash",
                 )
                 .await
+            }
+
+            async fn usage_events_by_ids(
+                &self,
+                ids: &[i64],
+            ) -> $crate::error::Result<Vec<$crate::types::UsageEvent>> {
+                let mut out = Vec::with_capacity(ids.len());
+                // Bounded IN lists: PostgreSQL and SQLite both cap bind parameters.
+                for chunk in ids.chunks(500) {
+                    let sql = format!(
+                        "SELECT {} FROM usage_events WHERE id IN ({}) ORDER BY id",
+                        $crate::sql::event_columns!(),
+                        $crate::sql::placeholders(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    out.extend(self.fetch_events(q, "read usage events by id").await?);
+                }
+                out.sort_by_key(|e| e.id);
+                Ok(out)
+            }
+
+            async fn trace_unindexed_events(
+                &self,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::types::UsageEvent>> {
+                self.fetch_events(
+                    sqlx::query(concat!(
+                        "SELECT ",
+                        $crate::sql::event_columns!(),
+                        " FROM usage_events WHERE id > \
+                         (SELECT COALESCE(MAX(event_id), 0) FROM trace_signatures) - $1 \
+                         AND NOT EXISTS (SELECT 1 FROM trace_signatures s \
+                         WHERE s.event_id = usage_events.id) ORDER BY id LIMIT $2"
+                    ))
+                    .bind($crate::store::TRACE_REREAD_OVERLAP)
+                    .bind(i64::from(limit)),
+                    "read unindexed usage events",
+                )
+                .await
+            }
+
+            async fn insert_trace_entries(
+                &self,
+                entries: &[$crate::types::TraceEntry],
+            ) -> $crate::error::Result<()> {
+                use $crate::error::query_err;
+                const OP: &str = "store trace index entries";
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.write.begin().await.map_err(query_err(OP))?;
+                for e in entries {
+                    let inserted: Option<i64> = sqlx::query_scalar(
+                        "INSERT INTO trace_signatures (event_id, choice, shingles, signature) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, choice) DO NOTHING \
+                         RETURNING event_id",
+                    )
+                    .bind(e.event_id)
+                    .bind(i64::from(e.choice))
+                    .bind(i64::from(e.shingles))
+                    .bind(&e.signature)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(query_err(OP))?;
+                    if inserted.is_none() || e.buckets.is_empty() {
+                        continue;
+                    }
+                    for chunk in e.buckets.chunks(256) {
+                        let rows: Vec<String> = (0..chunk.len())
+                            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                            .collect();
+                        let sql = format!(
+                            "INSERT INTO trace_buckets (bucket, event_id, choice) VALUES {} \
+                             ON CONFLICT (bucket, event_id, choice) DO NOTHING",
+                            rows.join(", ")
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for b in chunk {
+                            q = q.bind(*b).bind(e.event_id).bind(i64::from(e.choice));
+                        }
+                        q.execute(&mut *tx).await.map_err(query_err(OP))?;
+                    }
+                }
+                tx.commit().await.map_err(query_err(OP))
+            }
+
+            async fn trace_candidates(
+                &self,
+                buckets: &[i64],
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::types::TraceCandidate>> {
+                use sqlx::Row as _;
+                if buckets.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let buckets = &buckets[..buckets.len().min(1000)];
+                let sql = format!(
+                    "SELECT s.event_id, s.choice, h.hits, s.shingles, s.signature FROM \
+                     (SELECT event_id, choice, COUNT(*) AS hits FROM trace_buckets \
+                      WHERE bucket IN ({}) GROUP BY event_id, choice \
+                      ORDER BY hits DESC, event_id LIMIT ${}) h \
+                     JOIN trace_signatures s ON s.event_id = h.event_id AND s.choice = h.choice \
+                     ORDER BY h.hits DESC, s.event_id, s.choice",
+                    $crate::sql::placeholders(1, buckets.len()),
+                    buckets.len() + 1
+                );
+                let mut q = sqlx::query(&sql);
+                for b in buckets {
+                    q = q.bind(*b);
+                }
+                let rows = q
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await
+                    .map_err($crate::error::query_err("find trace candidates"))?;
+                let decode = |e| $crate::error::StoreError::Query {
+                    op: "decode trace candidate",
+                    source: e,
+                };
+                rows.iter()
+                    .map(|r| {
+                        let num = |c: &str| -> $crate::error::Result<u32> {
+                            let v: i64 = r.try_get(c).map_err(decode)?;
+                            u32::try_from(v).map_err(|_| {
+                                $crate::error::StoreError::Corrupt(format!(
+                                    "trace index column {c} holds {v}"
+                                ))
+                            })
+                        };
+                        Ok($crate::types::TraceCandidate {
+                            event_id: r.try_get("event_id").map_err(decode)?,
+                            choice: num("choice")?,
+                            hits: num("hits")?,
+                            shingles: num("shingles")?,
+                            signature: r.try_get("signature").map_err(decode)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn count_trace_indexed(&self) -> $crate::error::Result<u64> {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT COUNT(DISTINCT event_id) FROM trace_signatures")
+                        .fetch_one(&self.read)
+                        .await
+                        .map_err($crate::error::query_err("count trace index"))?;
+                Ok(u64::try_from(n).unwrap_or(0))
             }
 
             async fn count_usage_events(&self) -> $crate::error::Result<u64> {

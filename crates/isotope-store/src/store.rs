@@ -4,12 +4,20 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::types::{
-    Account, Alert, ApiKeyRecord, Backend, KeyLimits, NewApiKey, RateWindow, UsageEvent,
+    Account, Alert, ApiKeyRecord, Backend, KeyLimits, NewApiKey, RateWindow, TraceCandidate,
+    TraceEntry, UsageEvent,
 };
 
 /// Length of a rate-limit window. Windows are fixed (aligned to multiples of this
 /// since the Unix epoch) so every replica computes the same row for the same instant.
 pub const RATE_WINDOW_MS: i64 = 60_000;
+
+/// How far below the highest indexed event id [`Store::trace_unindexed_events`] looks
+/// for events it has not indexed yet. On PostgreSQL an id is taken at insert time but
+/// becomes visible at commit, so a slow transaction can surface below ids already
+/// indexed; the gap is bounded by the events in flight across replicas (group commits
+/// of a few hundred), far below this.
+pub const TRACE_REREAD_OVERLAP: i64 = 10_000;
 
 /// Storage for accounts, API keys, rate-limit counters, usage events, alerts and
 /// settings. Object-safe: the server holds an `Arc<dyn Store>` and does not know
@@ -96,6 +104,26 @@ pub trait Store: Send + Sync + 'static {
     /// Events whose `completion_hash` equals `hash` (hex SHA-256), ascending by id —
     /// "did we serve this text, to whom, when".
     async fn find_completions_by_hash(&self, hash: &str) -> Result<Vec<UsageEvent>>;
+
+    /// Events with these ids (unknown ids are left out), ascending by id.
+    async fn usage_events_by_ids(&self, ids: &[i64]) -> Result<Vec<UsageEvent>>;
+
+    /// Up to `limit` usage events not yet in the trace index, ascending by id. Looks
+    /// back [`TRACE_REREAD_OVERLAP`] ids below the highest indexed one, so events of
+    /// PostgreSQL transactions that committed out of id order are still found.
+    async fn trace_unindexed_events(&self, limit: u32) -> Result<Vec<UsageEvent>>;
+
+    /// Adds entries (signature rows and their buckets) to the trace index in ONE
+    /// transaction; entries already indexed are skipped, so a retried batch is
+    /// harmless and an interrupted indexing run resumes where it stopped.
+    async fn insert_trace_entries(&self, entries: &[TraceEntry]) -> Result<()>;
+
+    /// Indexed completions sharing at least one of `buckets`, most shared buckets
+    /// first, at most `limit`.
+    async fn trace_candidates(&self, buckets: &[i64], limit: u32) -> Result<Vec<TraceCandidate>>;
+
+    /// Distinct usage events in the trace index.
+    async fn count_trace_indexed(&self) -> Result<u64>;
 
     /// Number of stored usage events.
     async fn count_usage_events(&self) -> Result<u64>;

@@ -116,6 +116,35 @@ pub struct UsageEvent {
     pub partial: bool,
 }
 
+/// One completion's entry in the near-duplicate index of `isotope trace`: its MinHash
+/// signature and LSH bucket keys, computed by the caller (isotope-audit); the store
+/// only keeps and looks them up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEntry {
+    /// The usage event's id.
+    pub event_id: i64,
+    /// Choice index within the event (0 unless the request asked for `n > 1`).
+    pub choice: u32,
+    /// Distinct shingles of the completion (0 when there was nothing to index).
+    pub shingles: u32,
+    /// Encoded signature; `None` marks an event indexed without text (hashes only,
+    /// purged, empty), so it is not read again.
+    pub signature: Option<Vec<u8>>,
+    /// LSH bucket keys (one per band).
+    pub buckets: Vec<i64>,
+}
+
+/// A completion sharing at least one LSH bucket with a query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceCandidate {
+    pub event_id: i64,
+    pub choice: u32,
+    /// Buckets shared with the query.
+    pub hits: u32,
+    pub shingles: u32,
+    pub signature: Option<Vec<u8>>,
+}
+
 /// A sentinel finding about an account or key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {

@@ -1,14 +1,14 @@
 //! `isotope defence gradient|bench` and the antidistillation flags of `isotope
 //! generate`: flags, loading and output only; the work is in `isotope-defence`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use isotope_defence::{
-    check_same_tokenizer, proxy_gradient, Antidistill, AntidistillConfig, ProxyGradient,
+    antidistill_for_teacher, load_proxy, proxy_gradient, Antidistill, AntidistillConfig,
 };
-use isotope_distill::{load_jsonl, DataOptions, Device, Student, StudentTokenizer, TOKENIZER_FILE};
+use isotope_distill::{load_jsonl, DataOptions};
 use isotope_engine::{BatchConfig, ChatMessage, GenerationRequest, Model};
 use isotope_sampling::{Sampler, SamplingParams};
 use serde::Serialize;
@@ -67,52 +67,12 @@ impl AntidistillArgs {
             (Some(p), Some(g)) => (p, g),
             _ => bail!("--antidistill-proxy and --antidistill-grad go together"),
         };
-        self.config().validate()?;
-        let (proxy, tok) = load_proxy(proxy_path)?;
-        check_same_tokenizer(proxy.config().vocab_size, &tok, teacher.n_vocab(), |id| {
-            teacher_token(teacher, id)
-        })
-        .with_context(|| format!("checking proxy {}", proxy_path.display()))?;
-        let g = ProxyGradient::load(grad, &proxy)?;
-        Ok(Some(Arc::new(Antidistill::new(&proxy, &g, self.config())?)))
-    }
-}
-
-/// A teacher token as the proxy's tokenizer spells it: raw bytes, or the text of a
-/// control token (which has no bytes).
-fn teacher_token(teacher: &Model, id: u32) -> Vec<u8> {
-    let b = teacher.token_bytes(id);
-    if b.is_empty() {
-        teacher.token_text(id).into_bytes()
-    } else {
-        b
-    }
-}
-
-/// A proxy student and its tokenizer: a student directory (with `tokenizer.json`) or a
-/// GGUF.
-pub fn load_proxy(path: &Path) -> Result<(Student, StudentTokenizer)> {
-    if path.is_dir() {
-        let student = Student::load(path, &Device::Cpu)
-            .with_context(|| format!("loading the proxy student {}", path.display()))?;
-        let tok_path = path.join(TOKENIZER_FILE);
-        if !tok_path.exists() {
-            bail!(
-                "{} has no {TOKENIZER_FILE}: the proxy's tokenizer must be checked against \
-                 the teacher's (students from `isotope distill train` carry one)",
-                path.display()
-            );
-        }
-        Ok((student, StudentTokenizer::load(&tok_path)?))
-    } else if path.exists() {
-        let student = Student::from_gguf(path, &Device::Cpu)
-            .with_context(|| format!("loading the proxy GGUF {}", path.display()))?;
-        Ok((student, StudentTokenizer::from_gguf(path)?))
-    } else {
-        bail!(
-            "proxy {} not found (a student directory or a GGUF)",
-            path.display()
-        )
+        Ok(Some(antidistill_for_teacher(
+            teacher,
+            proxy_path,
+            grad,
+            self.config(),
+        )?))
     }
 }
 

@@ -108,7 +108,7 @@ fn defences(a: DefencesArgs) -> Result<()> {
         antidistill_top_k: a.antidistill_top_k,
     };
     let defence = ad.build(&model)?.expect("proxy given");
-    let (proxy, tok) = crate::defence::load_proxy(&a.antidistill_proxy)?;
+    let (proxy, tok) = isotope_defence::load_proxy(&a.antidistill_proxy)?;
     let cfg = DefenceEvalConfig {
         lambdas: a.lambdas.clone(),
         max_tokens: a.max_tokens,
@@ -151,13 +151,19 @@ fn defences(a: DefencesArgs) -> Result<()> {
         report.train_prompts, report.heldout_prompts, report.heldout_tokens, report.student_ppl_before
     );
     println!(
-        "{:>8} {:>12} {:>8} {:>12} {:>10}",
-        "lambda", "teacher ppl", "tokens", "student ppl", "train loss"
+        "{:>8} {:>12} {:>8} {:>12} {:>10} {:>9} {:>9}",
+        "lambda", "teacher ppl", "tokens", "student ppl", "train loss", "teacher Δ", "student Δ"
     );
     for p in &report.points {
         println!(
-            "{:>8} {:>12.3} {:>8} {:>12.3} {:>10.3}",
-            p.lambda, p.teacher_ppl, p.teacher_tokens, p.student_ppl, p.student_train_loss
+            "{:>8} {:>12.3} {:>8} {:>12.3} {:>10.3} {:>+8.1}% {:>+8.1}%",
+            p.lambda,
+            p.teacher_ppl,
+            p.teacher_tokens,
+            p.student_ppl,
+            p.student_train_loss,
+            100.0 * p.teacher_ppl_increase,
+            100.0 * p.student_ppl_increase
         );
     }
     println!("plot: {}", a.png.display());

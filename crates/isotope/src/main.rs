@@ -7,8 +7,10 @@ mod distill;
 mod eval;
 mod generate;
 mod loadtest;
+mod redteam;
 mod sentinel;
 mod serve;
+mod trace;
 mod watermark;
 
 use std::path::PathBuf;
@@ -56,6 +58,12 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Harvesting detection: simulate traffic, evaluate, score a live store.
     Sentinel(sentinel::SentinelArgs),
+    /// Provenance: did we serve this text, to which accounts and when (near-duplicate
+    /// index over the usage log, plus the watermark test).
+    Trace(trace::TraceArgs),
+    /// The whole story with one command: watermarked server with the sentinel, harvest,
+    /// a student on watermarked and a control on clean output, audits, report.html.
+    Redteam(redteam::RedteamArgs),
 }
 
 /// Model selection shared by every command that loads one.
@@ -91,6 +99,8 @@ fn main() -> ExitCode {
         Command::Audit(args) => audit::audit(args),
         Command::Sentinel(args) => sentinel::sentinel(args),
         Command::Defence(args) => defence::defence(args),
+        Command::Trace(args) => trace::trace(args),
+        Command::Redteam(args) => redteam::redteam(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,7 +25,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// The file layer: the given config file, ./isotope.toml, or defaults.
-    fn file(&self) -> Result<ServerConfig> {
+    pub(crate) fn file(&self) -> Result<ServerConfig> {
         let path = match &self.config {
             Some(p) => Some(p.clone()),
             None => Some(PathBuf::from("isotope.toml")).filter(|p| p.exists()),
@@ -131,6 +131,13 @@ pub struct ServeArgs {
     /// Take client addresses from X-Forwarded-For (only behind a proxy that sets it).
     #[arg(long)]
     trust_forwarded_for: bool,
+    /// Proxy student for antidistillation sampling (`[defence] proxy`); the policy
+    /// table's `antidistill_lambda` says at which levels it is used.
+    #[arg(long)]
+    defence_proxy: Option<PathBuf>,
+    /// The proxy's held-out gradient (`[defence] gradient`).
+    #[arg(long)]
+    defence_gradient: Option<PathBuf>,
 }
 
 fn merge(a: &ServeArgs) -> Result<ServerConfig> {
@@ -186,6 +193,12 @@ fn merge(a: &ServeArgs) -> Result<ServerConfig> {
     }
     if a.trust_forwarded_for {
         cfg.trust_forwarded_for = true;
+    }
+    if a.defence_proxy.is_some() {
+        cfg.defence.proxy = a.defence_proxy.clone();
+    }
+    if a.defence_gradient.is_some() {
+        cfg.defence.gradient = a.defence_gradient.clone();
     }
     Ok(cfg)
 }

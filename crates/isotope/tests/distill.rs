@@ -4,36 +4,20 @@
 //! tokens), `eval`, and `generate --model DIR` on the trained student. The 429 path is
 //! tested against a test double in `crates/isotope-distill/tests/harvest.rs`.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
+use common::{model, workspace};
 use serde_json::Value;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model() -> PathBuf {
-    workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
+/// The binary run from the workspace root (relative data paths resolve there).
 fn isotope() -> StdCommand {
-    let mut c = StdCommand::cargo_bin("isotope").unwrap();
-    for var in [
-        "ISOTOPE_MODEL",
-        "ISOTOPE_WATERMARK_KEY",
-        "ISOTOPE_DATABASE_URL",
-        "ISOTOPE_CONFIG",
-        "ISOTOPE_DATA_DIR",
-        "ISOTOPE_ADDR",
-        "ISOTOPE_API_KEY",
-    ] {
-        c.env_remove(var);
-    }
+    let mut c = common::isotope();
     c.current_dir(workspace());
     c
 }

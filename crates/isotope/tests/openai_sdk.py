@@ -131,6 +131,28 @@ cstream = client.completions.create(
 assert "".join(c.choices[0].text for c in cstream if c.choices) == ch.text
 check("completions (+stream, logprobs shape)")
 
+# batched prompts: choice i answers prompt i // n, as OpenAI numbers them; usage adds
+# up the prompts; the stream carries the same four texts.
+batch = client.completions.create(
+    model=args.model, prompt=["The three primary colours are", "Once upon a time"],
+    max_tokens=20, temperature=0.8, seed=3, n=2,
+)
+assert [c.index for c in batch.choices] == [0, 1, 2, 3], batch
+assert all(c.text for c in batch.choices), batch
+p1 = client.completions.create(model=args.model, prompt="The three primary colours are", max_tokens=1)
+p2 = client.completions.create(model=args.model, prompt="Once upon a time", max_tokens=1)
+assert batch.usage.prompt_tokens == p1.usage.prompt_tokens + p2.usage.prompt_tokens, batch.usage
+bstream = client.completions.create(
+    model=args.model, prompt=["The three primary colours are", "Once upon a time"],
+    max_tokens=20, temperature=0.8, seed=3, n=2, stream=True,
+)
+streamed = {}
+for chunk in bstream:
+    for c in chunk.choices:
+        streamed[c.index] = streamed.get(c.index, "") + c.text
+assert [streamed[i] for i in range(4)] == [c.text for c in batch.choices], streamed
+check("batched prompts (+stream)")
+
 # echo with logprobs is refused by default policy
 try:
     client.completions.create(model=args.model, prompt="Hello", max_tokens=2, echo=True, logprobs=1)

@@ -11,48 +11,15 @@
 //! ≥ 1,000 benign accounts. `min_requests = 5` keeps the benign client (4 requests)
 //! below the count at which an account's own score counts, as in production.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
+use common::{isotope, model, run_ok, workspace};
 use serde_json::{json, Value};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model() -> PathBuf {
-    workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn isotope() -> StdCommand {
-    let mut c = StdCommand::cargo_bin("isotope").unwrap();
-    for var in [
-        "ISOTOPE_MODEL",
-        "ISOTOPE_WATERMARK_KEY",
-        "ISOTOPE_DATABASE_URL",
-        "ISOTOPE_CONFIG",
-        "ISOTOPE_DATA_DIR",
-        "ISOTOPE_ADDR",
-        "ISOTOPE_SENTINEL_MODEL",
-        "ISOTOPE_SENTINEL_WEBHOOK_URL",
-        "ISOTOPE_ADMIN_TOKEN",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-fn run_ok(cmd: &mut StdCommand) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "command failed: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 struct Server {
     child: Child,

@@ -2,21 +2,14 @@
 //! when `ISOTOPE_TEST_POSTGRES_URL` is set, PostgreSQL) store, driven by the official
 //! `openai` Python SDK (`tests/openai_sdk.py`, installed into .venv by setup).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
+use common::{isotope, model, run_ok, start, workspace};
 use serde_json::Value;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model() -> PathBuf {
-    workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 fn python() -> PathBuf {
     let p = workspace().join(".venv/bin/python");
@@ -28,29 +21,6 @@ fn python() -> PathBuf {
     p
 }
 
-fn isotope() -> StdCommand {
-    let mut c = StdCommand::cargo_bin("isotope").unwrap();
-    for var in [
-        "ISOTOPE_MODEL",
-        "ISOTOPE_WATERMARK_KEY",
-        "ISOTOPE_DATABASE_URL",
-        "ISOTOPE_CONFIG",
-        "ISOTOPE_DATA_DIR",
-        "ISOTOPE_ADDR",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-fn run_ok(cmd: &mut StdCommand) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "command failed: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn create_key(store: &[&str], account: &str, extra: &[&str]) -> String {
     let out = run_ok(
         isotope()
@@ -59,60 +29,6 @@ fn create_key(store: &[&str], account: &str, extra: &[&str]) -> String {
             .args(extra),
     );
     out.lines().last().unwrap().trim().to_owned()
-}
-
-/// A running server, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[&str]) -> Server {
-    let mut child = isotope()
-        .arg("serve")
-        .arg("--model")
-        .arg(model())
-        .args(["--addr", "127.0.0.1:0", "--slots", "4", "--ctx", "1024"])
-        .args(args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut sent = false;
-        let mut log = String::new();
-        while let Some(Ok(line)) = lines.next() {
-            log.push_str(&line);
-            log.push('\n');
-            if !sent {
-                if let Some(rest) = line.split("on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap().to_owned();
-                    let _ = tx.send(Ok(addr));
-                    sent = true;
-                }
-            }
-            assert!(!line.contains("panicked"), "server panicked: {log}");
-        }
-        if !sent {
-            let _ = tx.send(Err(log));
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(Ok(addr)) => addr,
-        Ok(Err(log)) => panic!("server exited before it was ready:\n{log}"),
-        Err(_) => panic!("server not ready within 120 s"),
-    };
-    Server { child, addr }
 }
 
 fn detect(key: &Path, text: &str) -> Value {

@@ -1,0 +1,963 @@
+//! `isotope redteam`: the whole story on one machine, with one command (issue #7).
+//!
+//! 1. **Teacher, watermarked**: `isotope_server::serve` in-process (SQLite store under
+//!    `OUT/watermarked/server`, sentinel on, the run's own watermark key), one
+//!    *harvester* account and a few *benign* accounts. The harvester runs
+//!    `isotope_distill::harvest` (resumable JSONL) while the benign accounts send a
+//!    trickle of human-written instructions. When the server stops serving the
+//!    harvester (the sentinel blocks it), the attacker comes back with a fresh account,
+//!    up to `max_accounts` — what a real one would do; every account it burns is in the
+//!    report.
+//! 2. **Teacher, plain**: a second in-process server with `watermark = false` — the
+//!    operator's configuration switch, never a request field, so the public server
+//!    still cannot be asked to leave the watermark out — answers the same prompts
+//!    with the same seeds: the control student's data differs from the watermarked
+//!    student's only by the watermark.
+//! 3. **Students**: one per arm (`tiny`, `small` or initialised from a GGUF), trained
+//!    with `isotope_distill::train` in `checkpoints` stages (resumable); after each stage
+//!    a white-box reading-mode audit (unsupervised and supervised with the harvest),
+//!    which gives p-value against harvest tokens trained on.
+//! 4. **Audits** of the final students: reading mode as above and black-box: the student
+//!    answers held-out prompts (never harvested) through `Student::generate` and the
+//!    answers are scored with the prompts' windows excluded (`isotope_audit::score`).
+//! 5. **Report**: `report.json` and `report.html` (inline SVG plots) in `OUT`: p-value
+//!    vs harvest tokens, both loss curves, the sentinel's alerts and the harvester's
+//!    levels over time, and what the harvest cost at the configured price.
+//!
+//! No result is fixed in advance: whatever the audits measure is reported, including a
+//! watermarked student that is not detected.
+
+pub mod report;
+mod svg;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isotope_audit::{score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, Scoring};
+use isotope_distill::{
+    chatml_prompt, load_jsonl, read_train_log, train, DType, DataOptions, Device, HarvestConfig,
+    HarvestProgress, HarvestRecord, Prompt, Student, StudentConfig, StudentTokenizer, TrainConfig,
+    CHATML_END,
+};
+use isotope_engine::Model;
+use isotope_sampling::{Sampler, SamplingParams};
+use isotope_server::ServerConfig;
+use isotope_store::{KeyLimits, Store};
+use isotope_watermark::WatermarkKey;
+use serde::{Deserialize, Serialize};
+
+pub use report::Report;
+
+/// Errors of a red-team run.
+#[derive(Debug, thiserror::Error)]
+pub enum RedteamError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("the {arm} teacher server: {message}")]
+    Server { arm: String, message: String },
+    #[error(transparent)]
+    Store(#[from] isotope_store::StoreError),
+    #[error(transparent)]
+    Distill(#[from] isotope_distill::DistillError),
+    #[error(transparent)]
+    Audit(#[from] isotope_audit::AuditError),
+    #[error("watermark key: {0}")]
+    Key(String),
+}
+
+pub type Result<T, E = RedteamError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RedteamError + '_ {
+    move |source| RedteamError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Everything a run is sized by. Field names are the config file's keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedteamConfig {
+    /// Output directory (report, harvests, students, servers' stores).
+    pub out: PathBuf,
+    /// The teacher GGUF.
+    pub model: PathBuf,
+    /// Watermark scheme of the teacher (a small window, h ≤ 2, is what a student
+    /// trained from scratch on ~100k tokens can absorb: each window recurs often).
+    pub scheme: String,
+    /// Harvest prompts (JSONL: `prompt`, `instruction`, `question`).
+    pub prompt_file: PathBuf,
+    /// Harvest prompts used (the first N usable lines).
+    pub prompts: usize,
+    /// `max_tokens` of every harvest request.
+    pub max_tokens: u32,
+    /// Sampling temperature asked for by the harvester (and the students' black-box
+    /// answers).
+    pub temperature: f32,
+    /// Harvest requests in flight.
+    pub concurrency: usize,
+    /// Accounts the attacker may burn (a blocked account is replaced by a new one).
+    pub max_accounts: usize,
+    /// Human-written instructions for the benign accounts.
+    pub benign_file: PathBuf,
+    pub benign_accounts: usize,
+    /// Requests per benign account.
+    pub benign_requests: usize,
+    /// Held-out prompts for the black-box audit (never harvested).
+    pub heldout_file: PathBuf,
+    pub heldout_prompts: usize,
+    /// `max_tokens` of the students' black-box answers.
+    pub heldout_max_tokens: usize,
+    /// `tiny`, `small`, or a llama GGUF to initialise the students from.
+    pub student: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    /// Training stages, each followed by a reading-mode audit (points of the
+    /// p-value-vs-tokens curve).
+    pub checkpoints: usize,
+    /// Harvested texts fed to the students in reading mode (at most).
+    pub audit_texts: usize,
+    /// Sentinel on in the watermarked teacher (default on).
+    pub sentinel: bool,
+    /// Replace the sentinel model's calibrated flag threshold (experiments only).
+    pub flag_threshold: Option<f64>,
+    /// Price of the teacher's API, per million tokens (prompt + completion).
+    pub price_per_million_tokens: f64,
+    /// Sequences the teacher decodes together.
+    pub slots: usize,
+    /// llama.cpp threads (default: all cores).
+    pub threads: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for RedteamConfig {
+    fn default() -> Self {
+        Self {
+            out: PathBuf::from("redteam-out"),
+            model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            scheme: "kgw:gamma=0.25,delta=2,h=1,seeding=left".into(),
+            prompt_file: PathBuf::from("data/gsm8k/train.jsonl"),
+            prompts: 400,
+            max_tokens: 200,
+            temperature: 1.0,
+            concurrency: 4,
+            max_accounts: 3,
+            benign_file: PathBuf::from("data/self-instruct/user_oriented_instructions.jsonl"),
+            benign_accounts: 2,
+            benign_requests: 6,
+            heldout_file: PathBuf::from("data/gsm8k/test.jsonl"),
+            heldout_prompts: 40,
+            heldout_max_tokens: 128,
+            student: "tiny".into(),
+            epochs: 1,
+            batch_size: 4,
+            seq_len: 320,
+            lr: 1e-3,
+            checkpoints: 4,
+            audit_texts: 200,
+            sentinel: true,
+            flag_threshold: None,
+            price_per_million_tokens: 0.5,
+            slots: 4,
+            threads: None,
+            seed: 0,
+        }
+    }
+}
+
+impl RedteamConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(RedteamError::Config(m.into()));
+        if self.prompts == 0 || self.max_tokens == 0 || self.concurrency == 0 {
+            return bad("prompts, max_tokens and concurrency must be at least 1");
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.checkpoints == 0 {
+            return bad("epochs, batch_size and checkpoints must be at least 1");
+        }
+        if self.max_accounts == 0 {
+            return bad("max_accounts must be at least 1");
+        }
+        if !(self.price_per_million_tokens >= 0.0 && self.price_per_million_tokens.is_finite()) {
+            return bad("price_per_million_tokens must be a non-negative number");
+        }
+        if !self.model.exists() {
+            return Err(RedteamError::Config(format!(
+                "teacher model {} not found: run `scripts/setup.sh`, or pass --model",
+                self.model.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the caller is told while a run goes on (for progress bars).
+pub enum Event<'a> {
+    /// A new stage starts; `total` items (prompts, steps) when known.
+    Stage {
+        name: String,
+        total: u64,
+    },
+    Harvest(&'a HarvestProgress),
+    Train(&'a isotope_distill::Progress),
+    /// Items done in the current stage (audits, generation).
+    Step(u64),
+    /// Something worth a line on stderr.
+    Note(String),
+}
+
+/// The two arms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arm {
+    Watermarked,
+    Control,
+}
+
+impl Arm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arm::Watermarked => "watermarked",
+            Arm::Control => "control",
+        }
+    }
+}
+
+/// What the run's harvests amounted to (kept in `OUT/ARM/harvest.json` so a rerun
+/// does not start a server for a finished harvest).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HarvestSummary {
+    pub records: usize,
+    pub prompts: usize,
+    pub completion_tokens: u64,
+    pub prompt_tokens: u64,
+    pub requests: u64,
+    pub rate_limited: u64,
+    pub retries: u64,
+    /// Accounts the harvester used (more than one: it was blocked and came back).
+    pub accounts: Vec<String>,
+    /// Why a harvest run stopped early, per account.
+    pub stops: Vec<String>,
+    pub elapsed_secs: f64,
+    /// Benign requests answered.
+    pub benign_records: usize,
+}
+
+/// One point of the p-value-vs-tokens curve.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditPoint {
+    pub step: usize,
+    pub total_steps: usize,
+    /// Harvested completion tokens processed in training so far (passes counted).
+    pub harvest_tokens_trained: u64,
+    /// Headline reading-mode p-value (corrected over both variants).
+    pub p_value: f64,
+    pub unsupervised_p: f64,
+    pub supervised_p: Option<f64>,
+    pub scored_tokens: u64,
+}
+
+/// Open the store of a server directory.
+async fn open_store(dir: &Path) -> Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    Ok(isotope_store::open(&format!("sqlite://{}", dir.join("isotope.db").display())).await?)
+}
+
+/// API keys of the run's accounts, created once and kept (0600) for reruns.
+async fn account_keys(
+    store: &dyn Store,
+    path: &Path,
+    names: &[String],
+) -> Result<BTreeMap<String, String>> {
+    let mut keys: BTreeMap<String, String> = match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).unwrap_or_default(),
+        Err(_) => BTreeMap::new(),
+    };
+    let mut changed = false;
+    for n in names {
+        if !keys.contains_key(n) {
+            let k = store.create_api_key(n, KeyLimits::default()).await?;
+            keys.insert(n.clone(), k.token);
+            changed = true;
+        }
+    }
+    if changed {
+        let _ = std::fs::remove_file(path);
+        isotope_server::write_private(
+            path,
+            serde_json::to_string_pretty(&keys)
+                .expect("serialises")
+                .as_bytes(),
+        )
+        .map_err(|e| RedteamError::Config(format!("{e:#}")))?;
+    }
+    Ok(keys)
+}
+
+/// A running in-process teacher server.
+struct Teacher {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow_free::Result>,
+    arm: Arm,
+}
+
+/// The server's `anyhow::Result`, flattened to a string so this crate's errors stay
+/// `thiserror`.
+mod anyhow_free {
+    pub type Result = std::result::Result<(), String>;
+}
+
+impl Teacher {
+    async fn start(cfg: ServerConfig, arm: Arm) -> Result<Teacher> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut task = tokio::spawn(async move {
+            isotope_server::serve(
+                cfg,
+                async move {
+                    let _ = stop_rx.await;
+                },
+                move |r| {
+                    let _ = ready_tx.send(r.addr);
+                },
+            )
+            .await
+            .map_err(|e| format!("{e:#}"))
+        });
+        let server_err = |message: String| RedteamError::Server {
+            arm: arm.name().into(),
+            message,
+        };
+        let addr = tokio::select! {
+            a = ready_rx => a.map_err(|_| server_err("stopped before it was ready".into()))?,
+            r = &mut task => {
+                let m = match r {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => "stopped before it was ready".into(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(server_err(m));
+            }
+        };
+        // `/health` is 200 once the LLM and the sentinel model are loaded.
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            let ok = client
+                .get(format!("http://{addr}/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(server_err("not healthy after 10 minutes".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(Teacher {
+            addr,
+            stop: Some(stop_tx),
+            task,
+            arm,
+        })
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(m)) => Err(RedteamError::Server {
+                arm: self.arm.name().into(),
+                message: m,
+            }),
+            Err(e) => Err(RedteamError::Server {
+                arm: self.arm.name().into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+fn server_config(cfg: &RedteamConfig, arm: Arm, dir: &Path, key: &Path) -> ServerConfig {
+    let mut s = ServerConfig {
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        model: cfg.model.clone(),
+        data_dir: dir.to_path_buf(),
+        watermark_key: Some(key.to_path_buf()),
+        scheme: cfg.scheme.clone(),
+        watermark: arm == Arm::Watermarked,
+        slots: cfg.slots.max(1),
+        ctx_per_slot: 1024,
+        threads: cfg.threads,
+        queue: 256,
+        ..ServerConfig::default()
+    };
+    s.sentinel.enabled = arm == Arm::Watermarked && cfg.sentinel;
+    s.sentinel.flag_threshold = cfg.flag_threshold;
+    s
+}
+
+fn read_records(path: &Path) -> Result<Vec<HarvestRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn first_prompts(path: &Path, n: usize) -> Result<Vec<Prompt>> {
+    let (mut p, _) = isotope_distill::read_prompts(path)?;
+    p.truncate(n);
+    if p.is_empty() && n > 0 {
+        return Err(RedteamError::Config(format!(
+            "no usable prompts in {}",
+            path.display()
+        )));
+    }
+    Ok(p)
+}
+
+/// Harvest one arm (skipped when `OUT/ARM/harvest.json` says it is complete).
+async fn harvest_arm(
+    cfg: &RedteamConfig,
+    arm: Arm,
+    key_path: &Path,
+    prompts: &[Prompt],
+    events: &mut (dyn FnMut(Event) + Send),
+) -> Result<HarvestSummary> {
+    let dir = cfg.out.join(arm.name());
+    let summary_path = dir.join("harvest.json");
+    if let Ok(t) = std::fs::read_to_string(&summary_path) {
+        if let Ok(s) = serde_json::from_str::<HarvestSummary>(&t) {
+            events(Event::Note(format!(
+                "{}: harvest already done ({} records), not repeated",
+                arm.name(),
+                s.records
+            )));
+            return Ok(s);
+        }
+    }
+    let server_dir = dir.join("server");
+    let store = open_store(&server_dir).await?;
+    let keys_path = dir.join("api-keys.json");
+    let benign: Vec<String> = if arm == Arm::Watermarked {
+        (1..=cfg.benign_accounts)
+            .map(|i| format!("benign-{i}"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut names = vec!["harvester-1".to_owned()];
+    names.extend(benign.iter().cloned());
+    let mut keys = account_keys(store.as_ref(), &keys_path, &names).await?;
+    events(Event::Stage {
+        name: format!("{}: starting the teacher server", arm.name()),
+        total: 0,
+    });
+    let teacher = Teacher::start(server_config(cfg, arm, &server_dir, key_path), arm).await?;
+    let endpoint = format!("http://{}", teacher.addr);
+    let started = Instant::now();
+
+    // Benign traffic alongside: one request at a time per account, paced.
+    let benign_prompts = first_prompts(&cfg.benign_file, cfg.benign_accounts * cfg.benign_requests)
+        .unwrap_or_default();
+    let mut benign_tasks = Vec::new();
+    for (i, name) in benign.iter().enumerate() {
+        let ps: Vec<Prompt> = benign_prompts
+            .iter()
+            .skip(i * cfg.benign_requests)
+            .take(cfg.benign_requests)
+            .enumerate()
+            .map(|(j, p)| Prompt {
+                index: j,
+                ..p.clone()
+            })
+            .collect();
+        let hc = HarvestConfig {
+            endpoint: endpoint.clone(),
+            api_key: keys.get(name).cloned(),
+            concurrency: 1,
+            rps: Some(0.2),
+            max_tokens: cfg.max_tokens,
+            seed: Some(cfg.seed + 1_000 + i as u64),
+            max_retries: 2,
+            ..HarvestConfig::default()
+        };
+        let out = dir.join(format!("{name}.jsonl"));
+        benign_tasks.push(tokio::spawn(async move {
+            isotope_distill::harvest(&hc, &ps, &out, &mut |_| {}).await
+        }));
+    }
+
+    events(Event::Stage {
+        name: format!("{}: harvesting", arm.name()),
+        total: prompts.len() as u64,
+    });
+    let out = dir.join("harvest.jsonl");
+    let mut summary = HarvestSummary {
+        prompts: prompts.len(),
+        ..HarvestSummary::default()
+    };
+    let mut account = 1usize;
+    let mut rounds = 0;
+    loop {
+        let name = format!("harvester-{account}");
+        if !keys.contains_key(&name) {
+            keys = account_keys(store.as_ref(), &keys_path, std::slice::from_ref(&name)).await?;
+        }
+        if !summary.accounts.contains(&name) {
+            summary.accounts.push(name.clone());
+        }
+        let hc = HarvestConfig {
+            endpoint: endpoint.clone(),
+            api_key: keys.get(&name).cloned(),
+            concurrency: cfg.concurrency,
+            max_tokens: cfg.max_tokens,
+            temperature: Some(cfg.temperature),
+            seed: Some(cfg.seed),
+            ..HarvestConfig::default()
+        };
+        let r =
+            isotope_distill::harvest(&hc, prompts, &out, &mut |p| events(Event::Harvest(p))).await;
+        rounds += 1;
+        match r {
+            Ok(rep) => {
+                summary.requests += rep.requests;
+                summary.rate_limited += rep.rate_limited;
+                summary.retries += rep.retries;
+                if rep.missing == 0 || rounds >= cfg.max_accounts + 2 {
+                    if rep.missing > 0 {
+                        summary.stops.push(format!(
+                            "{name}: {} records still missing ({})",
+                            rep.missing,
+                            rep.last_error.unwrap_or_default()
+                        ));
+                    }
+                    break;
+                }
+            }
+            Err(e) => {
+                summary.stops.push(format!("{name}: {e}"));
+                events(Event::Note(format!("{}: {name} stopped: {e}", arm.name())));
+                if account >= cfg.max_accounts {
+                    break;
+                }
+                account += 1;
+            }
+        }
+    }
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    for t in benign_tasks {
+        match t.await {
+            Ok(Ok(r)) => summary.benign_records += r.existing + r.written,
+            Ok(Err(e)) => summary.stops.push(format!("benign: {e}")),
+            Err(e) => summary.stops.push(format!("benign task: {e}")),
+        }
+    }
+    teacher.stop().await?;
+    let records = read_records(&out)?;
+    summary.records = records.len();
+    for r in &records {
+        let u = r.usage.as_ref();
+        let get = |k: &str| u.and_then(|u| u[k].as_u64()).unwrap_or(0);
+        summary.completion_tokens += get("completion_tokens");
+        summary.prompt_tokens += get("prompt_tokens");
+    }
+    store.close().await;
+    std::fs::write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary).expect("serialises"),
+    )
+    .map_err(io_err(&summary_path))?;
+    Ok(summary)
+}
+
+/// The run's watermark key: `OUT/watermark.key`, generated (0600) on first run.
+fn run_key(out: &Path) -> Result<(Arc<WatermarkKey>, PathBuf)> {
+    let path = out.join("watermark.key");
+    if !path.exists() {
+        let k = WatermarkKey::generate().map_err(|e| RedteamError::Key(e.to_string()))?;
+        isotope_server::write_private(&path, k.to_file_string().as_bytes())
+            .map_err(|e| RedteamError::Key(format!("{e:#}")))?;
+    }
+    let k = isotope_server::read_key(&path).map_err(|e| RedteamError::Key(format!("{e:#}")))?;
+    Ok((k, path))
+}
+
+fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
+    EvidenceText {
+        tokens: model.tokenize(&text, false, false),
+        source,
+        text,
+        predictions: None,
+    }
+}
+
+/// Reading-mode audit of `student` on `fed` (texts read), supervised with `ours`.
+fn reading_audit(
+    student: &Student,
+    fed: &[EvidenceText],
+    ours: &[EvidenceText],
+    keys: &[Arc<WatermarkKey>],
+    scoring: &Scoring,
+) -> Result<AuditResult> {
+    let mut texts = fed.to_vec();
+    for t in &mut texts {
+        t.predictions = Some(top1_predictions(student, &t.tokens)?);
+    }
+    let ev = Evidence {
+        prompts: Vec::new(),
+        texts,
+        supervised: ours.to_vec(),
+    };
+    Ok(score(Mode::Reading, &ev, keys, scoring, |_| {})?)
+}
+
+/// Black-box audit: the student answers held-out prompts; the answers are scored with
+/// the prompts' windows excluded.
+#[allow(clippy::too_many_arguments)]
+fn black_box_audit(
+    cfg: &RedteamConfig,
+    student: &Student,
+    tok: &StudentTokenizer,
+    model: &Model,
+    heldout: &[Prompt],
+    keys: &[Arc<WatermarkKey>],
+    scoring: &Scoring,
+    out: &Path,
+    events: &mut (dyn FnMut(Event) + Send),
+) -> Result<AuditResult> {
+    let stop: Vec<u32> = tok.token_id(CHATML_END).into_iter().collect();
+    let mut ev = Evidence::default();
+    let mut lines = String::new();
+    for (i, p) in heldout.iter().enumerate() {
+        let prompt_ids = tok.encode(&chatml_prompt(&p.text, None))?;
+        let params = SamplingParams {
+            temperature: cfg.temperature,
+            seed: cfg.seed + i as u64,
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, 0);
+        let mut ids = student.generate(&prompt_ids, &mut sampler, cfg.heldout_max_tokens, &stop)?;
+        ids.retain(|t| !stop.contains(t));
+        let text = tok.decode(&ids)?;
+        lines.push_str(&serde_json::json!({"prompt": p.text, "response": text}).to_string());
+        lines.push('\n');
+        ev.prompts.push(evidence_text(
+            model,
+            format!("heldout:{}", p.line),
+            p.text.clone(),
+        ));
+        ev.texts
+            .push(evidence_text(model, format!("answer:{}", p.line), text));
+        events(Event::Step(i as u64 + 1));
+    }
+    std::fs::write(out, lines).map_err(io_err(out))?;
+    Ok(score(Mode::BlackBox, &ev, keys, scoring, |_| {})?)
+}
+
+/// One arm's student: staged training with a reading audit after every stage, then
+/// the black-box audit.
+#[allow(clippy::too_many_arguments)]
+fn student_arm(
+    cfg: &RedteamConfig,
+    arm: Arm,
+    tok: &StudentTokenizer,
+    model: &Model,
+    fed: &[EvidenceText],
+    ours: &[EvidenceText],
+    heldout: &[Prompt],
+    keys: &[Arc<WatermarkKey>],
+    scoring: &Scoring,
+    events: &mut (dyn FnMut(Event) + Send),
+) -> Result<report::ArmStudent> {
+    let dir = cfg.out.join(arm.name());
+    let data_path = dir.join("harvest.jsonl");
+    let data = load_jsonl(&data_path, Some(tok), &DataOptions::default())?;
+    let response_tokens: u64 = data.examples.iter().map(|e| e.response_len() as u64).sum();
+    let student = match cfg.student.as_str() {
+        "tiny" | "small" => Student::new(
+            StudentConfig::preset(&cfg.student)?,
+            cfg.seed,
+            &Device::Cpu,
+            DType::F32,
+        )?,
+        path => Student::from_gguf(Path::new(path), &Device::Cpu)?,
+    };
+    let student_dir = dir.join("student");
+    let points_path = dir.join("audit-points.json");
+    let mut points: Vec<AuditPoint> = std::fs::read_to_string(&points_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let per_epoch = data.examples.len().div_ceil(cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let mut last = None;
+    for k in 1..=cfg.checkpoints {
+        let stop = (total * k).div_ceil(cfg.checkpoints).max(1);
+        events(Event::Stage {
+            name: format!(
+                "{}: training the student, stage {k}/{}",
+                arm.name(),
+                cfg.checkpoints
+            ),
+            total: stop as u64,
+        });
+        let tc = TrainConfig {
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            seq_len: cfg.seq_len,
+            lr: cfg.lr,
+            seed: cfg.seed,
+            stop_after: Some(stop),
+            checkpoint_every: 0,
+            resume: true,
+            ..TrainConfig::default()
+        };
+        let rep = train(&student, &data, Some(tok), &tc, &student_dir, &mut |p| {
+            events(Event::Train(p))
+        })?;
+        if points.iter().any(|p| p.step == rep.steps) {
+            last = Some(rep);
+            continue;
+        }
+        events(Event::Stage {
+            name: format!("{}: reading-mode audit at step {}", arm.name(), rep.steps),
+            total: 0,
+        });
+        let r = reading_audit(&student, fed, ours, keys, scoring)?;
+        let variant = |n: &str| r.variants.iter().find(|v| v.name == n).map(|v| v.p_value);
+        points.push(AuditPoint {
+            step: rep.steps,
+            total_steps: rep.total_steps,
+            harvest_tokens_trained: (response_tokens as f64 * rep.steps as f64
+                / per_epoch.max(1) as f64)
+                .round() as u64,
+            p_value: r.p_value,
+            unsupervised_p: variant("unsupervised").unwrap_or(1.0),
+            supervised_p: variant("supervised"),
+            scored_tokens: r.scored_tokens,
+        });
+        std::fs::write(
+            &points_path,
+            serde_json::to_string_pretty(&points).expect("serialises"),
+        )
+        .map_err(io_err(&points_path))?;
+        last = Some(rep);
+    }
+    let rep = last.expect("at least one stage");
+    events(Event::Stage {
+        name: format!("{}: final audits", arm.name()),
+        total: heldout.len() as u64,
+    });
+    let reading = reading_audit(&student, fed, ours, keys, scoring)?;
+    let black_box = black_box_audit(
+        cfg,
+        &student,
+        tok,
+        model,
+        heldout,
+        keys,
+        scoring,
+        &dir.join("heldout-answers.jsonl"),
+        events,
+    )?;
+    let log = read_train_log(&student_dir)?;
+    Ok(report::ArmStudent {
+        params: rep.params,
+        examples: rep.examples,
+        steps: rep.steps,
+        first_loss: rep.first_loss,
+        final_loss: rep.final_loss,
+        tokens_per_sec: rep.tokens_per_sec,
+        response_tokens,
+        loss_curve: log.iter().map(|e| (e.step, e.loss)).collect(),
+        points,
+        reading,
+        black_box,
+    })
+}
+
+/// Everything the sentinel did in the watermarked teacher, from its store.
+async fn sentinel_timeline(cfg: &RedteamConfig) -> Result<report::SentinelReport> {
+    let store = open_store(&cfg.out.join(Arm::Watermarked.name()).join("server")).await?;
+    let accounts: HashMap<i64, String> = store
+        .list_accounts()
+        .await?
+        .into_iter()
+        .map(|a| (a.id, a.name))
+        .collect();
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.usage_events_since(after, 5_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        events.extend(page);
+    }
+    let alerts = store.list_alerts(0, 100_000).await?;
+    store.close().await;
+    let t0 = events.iter().map(|e| e.created_at_ms).min().unwrap_or(0);
+    let mut per: BTreeMap<String, report::AccountTimeline> = BTreeMap::new();
+    for e in &events {
+        let name = accounts
+            .get(&e.account_id)
+            .cloned()
+            .unwrap_or_else(|| e.account_id.to_string());
+        let level = e
+            .policy
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|v| v["level"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "observe".into());
+        let t = per
+            .entry(name.clone())
+            .or_insert_with(|| report::AccountTimeline {
+                account: name,
+                ..Default::default()
+            });
+        t.requests += 1;
+        t.prompt_tokens += u64::from(e.prompt_tokens);
+        t.completion_tokens += u64::from(e.completion_tokens);
+        if e.status >= 400 {
+            t.refused += 1;
+        }
+        t.points.push(report::TimelinePoint {
+            minutes: (e.created_at_ms - t0) as f64 / 60_000.0,
+            completion_tokens: t.completion_tokens,
+            level: level.clone(),
+        });
+        if level != "observe" && t.first_restricted_minutes.is_none() {
+            t.first_restricted_minutes = Some((e.created_at_ms - t0) as f64 / 60_000.0);
+        }
+        t.final_level = level;
+    }
+    Ok(report::SentinelReport {
+        enabled: cfg.sentinel,
+        start_ms: t0,
+        alerts: alerts
+            .iter()
+            .map(|a| report::AlertRow {
+                minutes: (a.created_at_ms - t0) as f64 / 60_000.0,
+                account: a
+                    .account_id
+                    .and_then(|id| accounts.get(&id).cloned())
+                    .unwrap_or_default(),
+                level: a.level.clone(),
+                score: a.score,
+                reasons: a.reasons.clone(),
+            })
+            .collect(),
+        accounts: per.into_values().collect(),
+    })
+}
+
+/// Run everything; writes `report.json` and `report.html` into `cfg.out`. `model` is
+/// the teacher's tokenizer (vocab-only is enough) and `scoring` the audit's scheme,
+/// control tokens and common-tuples list — the same the `audit` commands use.
+pub fn run(
+    cfg: &RedteamConfig,
+    model: &Model,
+    scoring: &Scoring,
+    events: &mut (dyn FnMut(Event) + Send),
+) -> Result<Report> {
+    cfg.validate()?;
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.out).map_err(io_err(&cfg.out))?;
+    let config_path = cfg.out.join("config.json");
+    std::fs::write(
+        &config_path,
+        serde_json::to_string_pretty(cfg).expect("serialises"),
+    )
+    .map_err(io_err(&config_path))?;
+    let (key, key_path) = run_key(&cfg.out)?;
+    let keys = vec![key.clone()];
+    let prompts = first_prompts(&cfg.prompt_file, cfg.prompts)?;
+    let heldout = first_prompts(&cfg.heldout_file, cfg.heldout_prompts)?;
+
+    let rt = tokio::runtime::Runtime::new().map_err(io_err(Path::new("tokio runtime")))?;
+    let (wm, control, sentinel) = rt.block_on(async {
+        let wm = harvest_arm(cfg, Arm::Watermarked, &key_path, &prompts, events).await?;
+        // The control teacher's key is never used (watermark off); it only satisfies
+        // the server's start-up.
+        let control_key = cfg.out.join(Arm::Control.name()).join("unused.key");
+        std::fs::create_dir_all(cfg.out.join(Arm::Control.name())).map_err(io_err(&cfg.out))?;
+        if !control_key.exists() {
+            let k = WatermarkKey::generate().map_err(|e| RedteamError::Key(e.to_string()))?;
+            isotope_server::write_private(&control_key, k.to_file_string().as_bytes())
+                .map_err(|e| RedteamError::Key(format!("{e:#}")))?;
+        }
+        let control = harvest_arm(cfg, Arm::Control, &control_key, &prompts, events).await?;
+        let sentinel = sentinel_timeline(cfg).await?;
+        Ok::<_, RedteamError>((wm, control, sentinel))
+    })?;
+    drop(rt);
+
+    let tok = StudentTokenizer::from_gguf(&cfg.model)?;
+    let ours: Vec<EvidenceText> = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?
+        .into_iter()
+        .map(|r| evidence_text(model, r.id, r.response))
+        .collect();
+    let fed: Vec<EvidenceText> = ours.iter().take(cfg.audit_texts).cloned().collect();
+    let mut students = Vec::new();
+    for arm in [Arm::Watermarked, Arm::Control] {
+        students.push(student_arm(
+            cfg, arm, &tok, model, &fed, &ours, &heldout, &keys, scoring, events,
+        )?);
+    }
+    let control_student = students.pop().expect("two arms");
+    let wm_student = students.pop().expect("two arms");
+    let harvester_tokens: (u64, u64) = sentinel
+        .accounts
+        .iter()
+        .filter(|a| a.account.starts_with("harvester"))
+        .fold((0, 0), |acc, a| {
+            (acc.0 + a.prompt_tokens, acc.1 + a.completion_tokens)
+        });
+    let report = Report {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        config: cfg.clone(),
+        scheme: scoring.scheme.to_string(),
+        window: scoring.scheme.context(),
+        key_id: key.id().to_owned(),
+        key_commitment: key.commitment(),
+        arms: vec![
+            report::ArmReport {
+                arm: Arm::Watermarked,
+                harvest: wm,
+                student: wm_student,
+            },
+            report::ArmReport {
+                arm: Arm::Control,
+                harvest: control,
+                student: control_student,
+            },
+        ],
+        cost: report::Cost::new(
+            cfg.price_per_million_tokens,
+            harvester_tokens.0,
+            harvester_tokens.1,
+        ),
+        sentinel,
+        wall_secs: started.elapsed().as_secs_f64(),
+    };
+    report::write(&cfg.out, &report)?;
+    Ok(report)
+}

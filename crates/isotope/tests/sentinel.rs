@@ -2,14 +2,20 @@
 //! HTTP) with the sentinel on, a harvesting-like client and a benign one, a webhook
 //! receiver; and the `isotope sentinel simulate → eval` round trip.
 //!
-//! The server runs the built-in model with its production weights; the test's
-//! isotope.toml lowers `flag_threshold` to 0.1 (the higher levels follow at their fixed
-//! logit steps: degrade ≈ 0.57) so the harvester's level is reachable in tens of
-//! requests instead of hundreds. What this test checks is the online machinery —
-//! events reach the sentinel, levels are enforced from the next request, alerts and
-//! webhook, pins — not the model's accuracy, which `isotope sentinel eval` measures on
-//! ≥ 1,000 benign accounts. `min_requests = 5` keeps the benign client (4 requests)
-//! below the count at which an account's own score counts, as in production.
+//! The server runs the built-in model with its production weights. Those weights are
+//! calibrated for an online FPR of ~0.1% over days of traffic, so a harvest of tens
+//! of requests is — by design — not enough evidence at the production threshold
+//! (0.9955): the built-in model needs persistence or volume (measured with the
+//! built-in model on synthetic events shaped like this test's clients: the harvester
+//! scores 0.047 at 20 requests, 0.080 at 40, 0.109 at 80; the benign client 0.017
+//! after its 8 requests). The test's isotope.toml therefore lowers `flag_threshold`
+//! to 0.03 (throttle follows at its fixed logit step, ≈ 0.078), between the two; on
+//! the real server the harvester reached throttle after 40–95 requests (timing
+//! dependent), so it gets up to 200.
+//! What this test checks is the online machinery — events reach the sentinel, levels
+//! are enforced from the next request, alerts and webhook, pins — not the model's
+//! accuracy, which `isotope sentinel eval` measures on ≥ 1,000 benign accounts.
+//! `min_requests = 5` is the production value.
 
 mod common;
 
@@ -151,13 +157,31 @@ async fn alerts(http: &reqwest::Client, base: &str) -> Vec<Value> {
     v["data"].as_array().cloned().unwrap_or_default()
 }
 
-// The harvester asks for answers of 64 tokens: the built-in model weighs the output/input
-// ratio and reasoning requests heavily but the logprob share barely (measured
-// 2026-11-29 on 80 synthetic events: max_tokens 4 with top-20 logprobs scores 0.016,
-// max_tokens 256 scores 0.997) — a known gap of the simulator-trained model, kept
-// visible here rather than hidden by a harvester shaped to the model.
+/// Whether every log-prob in a response is a multiple of 0.1: the throttle level's
+/// default treatment (`logprob_decimals = 1`; served as f32, hence the 1e-4 slack).
+/// Hundreds of unrounded top-20 values
+/// all landing on the grid by chance is impossible.
+fn logprobs_rounded(body: &Value) -> bool {
+    let Some(content) = body["choices"][0]["logprobs"]["content"].as_array() else {
+        return false;
+    };
+    let mut values = Vec::new();
+    for t in content {
+        values.push(t["logprob"].as_f64().unwrap_or(f64::NAN));
+        for alt in t["top_logprobs"].as_array().into_iter().flatten() {
+            values.push(alt["logprob"].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    !values.is_empty()
+        && values
+            .iter()
+            .all(|v| (v * 10.0 - (v * 10.0).round()).abs() < 1e-4)
+}
+
+// The harvester asks for answers of 64 tokens with top-20 logprobs, as fast as the
+// server answers: a soft-label harvest in its first minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
+async fn harvester_is_flagged_and_throttled_while_benign_client_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_owned();
     let (hook_url, hooks) = webhook_receiver().await;
@@ -166,7 +190,7 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         &config,
         format!(
             "data_dir = {data:?}\nadmin_token = \"admintest\"\ntrust_forwarded_for = true\n\
-             [sentinel]\nflag_threshold = 0.1\nmin_requests = 5\nwebhook_url = {hook_url:?}\nwebhook_retries = 1\n"
+             [sentinel]\nflag_threshold = 0.03\nmin_requests = 5\nwebhook_url = {hook_url:?}\nwebhook_retries = 1\n"
         ),
     )
     .unwrap();
@@ -257,10 +281,11 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         "gravity",
     ];
     let ua_bot = "python-requests/2.31.0";
+    let mut throttled_at = None;
     let mut degraded_at = None;
     let mut blocked_at = None;
     let mut sent = 0;
-    for i in 0..80usize {
+    for i in 0..200usize {
         let topic = topics[i % topics.len()];
         let o = chat(
             &http,
@@ -284,6 +309,9 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
                 if lp.is_null() && degraded_at.is_none() {
                     degraded_at = Some(i);
                 }
+                if logprobs_rounded(&o.body) && throttled_at.is_none() {
+                    throttled_at = Some(i);
+                }
             }
             403 | 429 => {
                 blocked_at = Some(i);
@@ -291,13 +319,13 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
             }
             s => panic!("harvester got {s}: {}", o.body),
         }
-        if degraded_at.is_some_and(|d| i >= d + 3) {
+        if throttled_at.or(degraded_at).is_some_and(|d| i >= d + 3) {
             break;
         }
     }
     assert!(
-        degraded_at.is_some() || blocked_at.is_some(),
-        "the harvester was neither degraded nor blocked in {sent} requests:\n{}",
+        throttled_at.is_some() || degraded_at.is_some() || blocked_at.is_some(),
+        "the harvester was neither throttled, degraded nor blocked in {sent} requests:\n{}",
         server.log.lock().unwrap()
     );
 
@@ -318,6 +346,11 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
         assert!(
             o.body["choices"][0]["logprobs"]["content"].is_array(),
             "benign client lost its logprobs: {}",
+            o.body
+        );
+        assert!(
+            !logprobs_rounded(&o.body),
+            "benign client's logprobs were rounded (throttled): {}",
             o.body
         );
     }
@@ -430,12 +463,13 @@ async fn harvester_is_flagged_and_degraded_while_benign_client_is_not() {
     .await;
     assert_eq!(o.status, 200, "{}", o.body);
     assert!(
-        o.body["choices"][0]["logprobs"]["content"].is_array(),
-        "{}",
+        o.body["choices"][0]["logprobs"]["content"].is_array() && !logprobs_rounded(&o.body),
+        "a pinned harvester is still treated: {}",
         o.body
     );
     eprintln!(
-        "harvester: {sent} requests, degraded at {degraded_at:?}, blocked at {blocked_at:?}; \
+        "harvester: {sent} requests, throttled at {throttled_at:?}, degraded at {degraded_at:?}, \
+         blocked at {blocked_at:?}; \
          {} alerts",
         list.len()
     );

@@ -1,0 +1,49 @@
+//! Full measurement on the default scenario: `cargo run --release -p isotope-sentinel
+//! --example report [-- EVAL_SEED [SCALE]]`. Prints one JSON object.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use isotope_sentinel::{bench, evaluate, leave_one_out, simulate, train, Scenario, TrainConfig};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seed: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(42);
+    let scale: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let t = Instant::now();
+    let tc = TrainConfig {
+        scenario: Scenario::training().scaled(scale),
+        ..TrainConfig::default()
+    };
+    let model = Arc::new(train(&tc).expect("train"));
+    eprintln!("trained in {:.1}s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let sim = simulate(&Scenario::default_mixed().scaled(scale), seed).expect("simulate");
+    eprintln!(
+        "simulated {} events in {:.1}s",
+        sim.events.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let report = evaluate(&sim.events, &sim.labels, model.clone());
+    eprintln!("evaluated in {:.1}s", t.elapsed().as_secs_f64());
+    let loo = if std::env::var_os("NO_LOO").is_none() {
+        Some(leave_one_out(&tc, &sim).expect("loo"))
+    } else {
+        None
+    };
+    let b = bench(&sim.events, model.clone());
+    let weights: Vec<(String, f64)> = model
+        .features
+        .iter()
+        .cloned()
+        .zip(model.weights.iter().copied())
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "eval": report, "leave_one_out": loo, "bench": b, "weights": weights,
+        }))
+        .unwrap()
+    );
+}

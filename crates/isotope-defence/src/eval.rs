@@ -4,10 +4,18 @@
 //!
 //! For each λ: the teacher answers the same training prompts with the defence at λ
 //! (same sampling seeds); **teacher quality** is the perplexity of those answers under
-//! the *undefended* teacher (what an ordinary user loses); a student starting from the
-//! same weights is fine-tuned on them with the same budget, and **student quality** is
-//! its perplexity on held-out *undefended* teacher answers to other prompts (what a
-//! distiller gains). λ = 0 is the undefended baseline.
+//! the *undefended* teacher (what an ordinary user loses), how often each answer token
+//! is the undefended teacher's first choice, and the answers' distinct-bigram share —
+//! perplexity alone rewards a defence that makes answers repetitive, the bigram share
+//! shows it. A student starting from the same weights is fine-tuned on them with the
+//! same budget, and **student quality** is measured on held-out *undefended* teacher
+//! answers to other prompts (what a distiller gains): its perplexity, its KL divergence
+//! from the teacher's next-token distribution, and how often its first choice is the
+//! teacher's. λ = 0 is the undefended baseline.
+//!
+//! The students may start from other weights than the defence's proxy
+//! (`student_init`): a defence tuned against the very model that is then distilled
+//! measures the best case, not what an attacker with their own student sees.
 //!
 //! The responses are generated locally through the engine with the same stage
 //! `isotope serve` attaches per sequence (no HTTP in the loop, so the numbers measure
@@ -43,6 +51,9 @@ pub struct DefenceEvalConfig {
     pub train: TrainConfig,
 }
 
+/// Teacher alternatives kept per held-out position for the KL estimate.
+pub const KL_TOP_K: usize = 20;
+
 /// One λ of the trade-off.
 #[derive(Clone, Debug, Serialize)]
 pub struct DefencePoint {
@@ -51,8 +62,19 @@ pub struct DefencePoint {
     pub teacher_ppl: f64,
     /// Response tokens those answers hold.
     pub teacher_tokens: usize,
+    /// Share of answer tokens that are the undefended teacher's most likely token.
+    pub teacher_top1_agreement: f64,
+    /// Distinct bigrams / bigrams, per answer, averaged (1 = no repeated bigram).
+    pub teacher_distinct2: f64,
     /// The student's perplexity on held-out undefended teacher answers.
     pub student_ppl: f64,
+    /// Mean KL(teacher ‖ student) per held-out answer position (nats), over the
+    /// teacher's top-[`KL_TOP_K`] tokens plus one bucket for the rest: a lower bound on
+    /// the full KL (merging outcomes never raises a divergence).
+    pub student_kl: f64,
+    /// Share of held-out positions where the student's most likely token is the
+    /// teacher's.
+    pub student_top1_agreement: f64,
     /// The student's final training loss.
     pub student_train_loss: f64,
     /// Sequences on which the defence gave up (should be 0).
@@ -62,6 +84,8 @@ pub struct DefencePoint {
     /// defence is `student_ppl_increase ≥ 2 × teacher_ppl_increase`.
     pub teacher_ppl_increase: f64,
     pub student_ppl_increase: f64,
+    /// Relative KL increase over the first λ.
+    pub student_kl_increase: f64,
 }
 
 /// The whole evaluation.
@@ -70,6 +94,10 @@ pub struct DefenceEvalReport {
     pub points: Vec<DefencePoint>,
     /// The student before any fine-tuning, on the same held-out answers.
     pub student_ppl_before: f64,
+    /// Its KL from the teacher there (see [`DefencePoint::student_kl`]).
+    pub student_kl_before: f64,
+    /// `"proxy"` when the students start from the defence's proxy, else their source.
+    pub student_init: String,
     pub train_prompts: usize,
     pub heldout_prompts: usize,
     pub heldout_tokens: usize,
@@ -78,8 +106,9 @@ pub struct DefenceEvalReport {
 
 /// Where the responses came from.
 pub const NOTE: &str = "responses generated locally through the engine with the stage the \
-server uses; every λ (0 included) samples from the teacher's top-k; student = the proxy's \
-weights fine-tuned with sft on each λ's answers, same budget; held-out = plain teacher answers";
+server uses; every λ (0 included) samples from the teacher's top-k; students fine-tuned with sft \
+on each λ's answers from the same start, same budget; held-out = plain teacher answers; KL over \
+the teacher's top-20 + a tail bucket (a lower bound)";
 
 /// Prompt tokens (the teacher's chat template) of each prompt text.
 fn chat_prompts(model: &Model, prompts: &[String]) -> Result<Vec<Vec<TokenId>>> {
@@ -157,28 +186,138 @@ fn answers(
     Ok(out)
 }
 
-/// Mean negative log-likelihood (nats/token) of each answer under the teacher.
-fn teacher_nll(
+/// The undefended teacher's view of answers: mean negative log-likelihood (nats per
+/// token), answer tokens scored, and the share of them that were its first choice.
+fn teacher_quality(
     model: &Model,
     prompts: &[Vec<TokenId>],
     answers: &[Vec<TokenId>],
     threads: Option<usize>,
-) -> Result<(f64, usize)> {
-    let (mut sum, mut n) = (0f64, 0usize);
+) -> Result<(f64, usize, f64)> {
+    let (mut sum, mut n, mut top1) = (0f64, 0usize, 0usize);
     for (p, a) in prompts.iter().zip(answers) {
         if a.is_empty() {
             continue;
         }
         let ids: Vec<TokenId> = p.iter().chain(a).copied().collect();
         let scores = model
-            .score(&ids, 0, threads)
+            .score(&ids, 1, threads)
             .map_err(|e| DefenceError::Config(format!("scoring: {e}")))?;
         for s in &scores[p.len() - 1..] {
             sum -= f64::from(s.logprob);
             n += 1;
+            top1 += usize::from(s.top.first().is_some_and(|t| t.0 == s.token));
         }
     }
-    Ok((sum / n.max(1) as f64, n))
+    Ok((sum / n.max(1) as f64, n, top1 as f64 / n.max(1) as f64))
+}
+
+/// Distinct bigrams over bigrams of each answer (answers under two tokens skipped),
+/// averaged over answers.
+pub fn distinct2(answers: &[Vec<TokenId>]) -> f64 {
+    let shares: Vec<f64> = answers
+        .iter()
+        .filter(|a| a.len() >= 2)
+        .map(|a| {
+            let pairs: std::collections::HashSet<(TokenId, TokenId)> =
+                a.windows(2).map(|w| (w[0], w[1])).collect();
+            pairs.len() as f64 / (a.len() - 1) as f64
+        })
+        .collect();
+    shares.iter().sum::<f64>() / shares.len().max(1) as f64
+}
+
+/// The teacher's next-token distribution at each held-out answer position: its
+/// top-[`KL_TOP_K`] (token, log-prob), most likely first.
+type TeacherRef = Vec<Vec<(TokenId, f32)>>;
+
+fn teacher_reference(
+    model: &Model,
+    prompts: &[Vec<TokenId>],
+    answers: &[Vec<TokenId>],
+    threads: Option<usize>,
+) -> Result<Vec<TeacherRef>> {
+    prompts
+        .iter()
+        .zip(answers)
+        .map(|(p, a)| {
+            if a.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<TokenId> = p.iter().chain(a).copied().collect();
+            let scores = model
+                .score(&ids, KL_TOP_K, threads)
+                .map_err(|e| DefenceError::Config(format!("scoring: {e}")))?;
+            Ok(scores[p.len() - 1..]
+                .iter()
+                .map(|s| s.top.clone())
+                .collect())
+        })
+        .collect()
+}
+
+/// KL(p ‖ q) between a teacher's top-k (log-probs `top`, plus the rest of its mass as
+/// one outcome) and a student's full log-softmax `q` coarsened the same way.
+pub fn kl_top_k(top: &[(TokenId, f32)], q: &[f32]) -> f64 {
+    let mut kl = 0.0;
+    let (mut p_in, mut q_in) = (0.0f64, 0.0f64);
+    for &(t, lp) in top {
+        let lp = f64::from(lp);
+        let lq = f64::from(q[t as usize]);
+        let p = lp.exp();
+        kl += p * (lp - lq);
+        p_in += p;
+        q_in += lq.exp();
+    }
+    let (p_out, q_out) = ((1.0 - p_in).max(0.0), (1.0 - q_in).max(1e-12));
+    if p_out > 1e-12 {
+        kl += p_out * (p_out.ln() - q_out.ln());
+    }
+    kl.max(0.0)
+}
+
+/// Log-softmax of one row of logits.
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    row.iter().map(|&x| x - lse).collect()
+}
+
+/// A student on held-out answers: mean NLL of the answer tokens, mean KL from the
+/// teacher's distribution and the share of positions where its first choice is the
+/// teacher's.
+fn student_quality(
+    student: &Student,
+    prompts: &[Vec<TokenId>],
+    answers: &[Vec<TokenId>],
+    reference: &[TeacherRef],
+) -> Result<(f64, f64, f64)> {
+    let (mut nll, mut kl, mut top1, mut n) = (0f64, 0f64, 0usize, 0usize);
+    for ((p, a), r) in prompts.iter().zip(answers).zip(reference) {
+        if a.is_empty() {
+            continue;
+        }
+        let ids: Vec<TokenId> = p.iter().chain(a).copied().collect();
+        // row i predicts ids[i + 1]; the answer's tokens are predicted by rows
+        // p.len() - 1 .. ids.len() - 1
+        let logits = student.logits(&ids[..ids.len() - 1])?;
+        for (k, row) in logits[p.len() - 1..].iter().enumerate() {
+            let lq = log_softmax(row);
+            nll -= f64::from(lq[a[k] as usize]);
+            if let Some(top) = r.get(k) {
+                kl += kl_top_k(top, &lq);
+                let student_best = lq
+                    .iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map(|(i, _)| i as TokenId);
+                top1 += usize::from(top.first().map(|t| t.0) == student_best);
+            }
+            n += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    Ok((nll / n, kl / n, top1 as f64 / n))
 }
 
 fn dataset(prompts: &[Vec<TokenId>], answers: &[Vec<TokenId>], end: Option<TokenId>) -> Dataset {
@@ -202,25 +341,15 @@ fn dataset(prompts: &[Vec<TokenId>], answers: &[Vec<TokenId>], end: Option<Token
     }
 }
 
-/// The student's mean NLL on the response tokens of `data`.
-fn student_nll(student: &Student, data: &Dataset) -> Result<f64> {
-    let (mut sum, mut n) = (0f64, 0usize);
-    for ex in &data.examples {
-        let lp = student.score(&ex.tokens)?;
-        for l in &lp[ex.prompt_len - 1..] {
-            sum -= f64::from(*l);
-            n += 1;
-        }
-    }
-    Ok(sum / n.max(1) as f64)
-}
-
-/// Run the evaluation. `proxy` is both the defence's proxy and the students' starting
-/// point; `work` receives one student directory per λ. `progress` gets a short status.
+/// Run the evaluation. `student_init` is the students' starting point (named
+/// `student_init_name` in the report; the defence's proxy unless the caller has
+/// another); `work` receives one student directory per λ. `progress` gets a short
+/// status.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_defences(
     model: &Model,
-    proxy: &Student,
+    student_init: &Student,
+    student_init_name: &str,
     tokenizer: &StudentTokenizer,
     defence: &Arc<Antidistill>,
     train_prompts: &[String],
@@ -234,17 +363,17 @@ pub fn evaluate_defences(
     let held_p = chat_prompts(model, heldout_prompts)?;
     progress("held-out teacher answers");
     let held_a = answers(model, &held_p, None, cfg)?;
-    let held = dataset(&held_p, &held_a, end);
-    let before = student_nll(proxy, &held)?;
+    let reference = teacher_reference(model, &held_p, &held_a, cfg.threads)?;
+    let (before_nll, before_kl, _) = student_quality(student_init, &held_p, &held_a, &reference)?;
     let mut points = Vec::new();
     for &lambda in &cfg.lambdas {
         progress(&format!("λ={lambda}: teacher answers"));
         let failures0 = defence.stats().failures();
         let a = answers(model, &train_p, Some((defence, lambda)), cfg)?;
         let failures = defence.stats().failures() - failures0;
-        let (t_nll, t_tokens) = teacher_nll(model, &train_p, &a, cfg.threads)?;
+        let (t_nll, t_tokens, t_top1) = teacher_quality(model, &train_p, &a, cfg.threads)?;
         progress(&format!("λ={lambda}: training the student"));
-        let student = proxy.perturbed(&Default::default(), 0.0)?;
+        let student = student_init.perturbed(&Default::default(), 0.0)?;
         let dir = work.join(format!("student-lambda-{lambda}"));
         let report = train(
             &student,
@@ -254,27 +383,36 @@ pub fn evaluate_defences(
             &dir,
             &mut |_| {},
         )?;
-        let s_nll = student_nll(&student, &held)?;
+        progress(&format!("λ={lambda}: measuring the student"));
+        let (s_nll, s_kl, s_top1) = student_quality(&student, &held_p, &held_a, &reference)?;
         points.push(DefencePoint {
             lambda,
             teacher_ppl: t_nll.exp(),
             teacher_tokens: t_tokens,
+            teacher_top1_agreement: t_top1,
+            teacher_distinct2: distinct2(&a),
             student_ppl: s_nll.exp(),
+            student_kl: s_kl,
+            student_top1_agreement: s_top1,
             student_train_loss: report.final_loss,
             defence_failures: failures,
             teacher_ppl_increase: 0.0,
             student_ppl_increase: 0.0,
+            student_kl_increase: 0.0,
         });
     }
     if let Some(base) = points.first().cloned() {
         for p in &mut points {
             p.teacher_ppl_increase = p.teacher_ppl / base.teacher_ppl - 1.0;
             p.student_ppl_increase = p.student_ppl / base.student_ppl - 1.0;
+            p.student_kl_increase = p.student_kl / base.student_kl.max(1e-12) - 1.0;
         }
     }
     Ok(DefenceEvalReport {
         points,
-        student_ppl_before: before.exp(),
+        student_ppl_before: before_nll.exp(),
+        student_kl_before: before_kl,
+        student_init: student_init_name.to_owned(),
         train_prompts: train_prompts.len(),
         heldout_prompts: heldout_prompts.len(),
         heldout_tokens: held_a.iter().map(Vec::len).sum(),
@@ -282,9 +420,9 @@ pub fn evaluate_defences(
     })
 }
 
-/// The trade-off as a PNG: over λ (x axis, as given), the teacher's perplexity (red)
-/// and the student's held-out perplexity (blue), each divided by its value at the
-/// first λ (the baseline), so both share one axis. No text (plotters' text needs a
+/// The trade-off as a PNG: over λ (x axis, as given), the teacher's perplexity (red),
+/// the student's held-out perplexity (blue) and its KL from the teacher (green), each
+/// divided by its value at the first λ (the baseline), so all share one axis. No text (plotters' text needs a
 /// font a fresh machine lacks); the numbers are in the table / JSON.
 pub fn tradeoff_png(path: &Path, report: &DefenceEvalReport) -> Result<()> {
     use plotters::prelude::*;
@@ -301,10 +439,12 @@ pub fn tradeoff_png(path: &Path, report: &DefenceEvalReport) -> Result<()> {
     };
     let teacher = rel(&|p| p.teacher_ppl);
     let student = rel(&|p| p.student_ppl);
+    let student_kl = rel(&|p| p.student_kl);
     let x_max = teacher.iter().map(|p| p.0).fold(1e-6, f64::max);
     let y_max = teacher
         .iter()
         .chain(&student)
+        .chain(&student_kl)
         .map(|p| p.1)
         .filter(|y| y.is_finite())
         .fold(1.0, f64::max)
@@ -344,6 +484,7 @@ pub fn tradeoff_png(path: &Path, report: &DefenceEvalReport) -> Result<()> {
     for (series, colour) in [
         (teacher, RGBColor(200, 40, 40)),
         (student, RGBColor(30, 70, 190)),
+        (student_kl, RGBColor(30, 150, 60)),
     ] {
         chart
             .draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))
@@ -353,4 +494,34 @@ pub fn tradeoff_png(path: &Path, report: &DefenceEvalReport) -> Result<()> {
             .map_err(|e| err(e.to_string()))?;
     }
     root.present().map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_is_zero_for_the_same_distribution_and_positive_otherwise() {
+        let q = log_softmax(&[2.0, 1.0, 0.5, -1.0, 0.0]);
+        let top: Vec<(TokenId, f32)> = vec![(0, q[0]), (1, q[1])];
+        assert!(kl_top_k(&top, &q).abs() < 1e-6);
+        let other = log_softmax(&[0.0, 2.0, 0.5, -1.0, 0.0]);
+        let kl = kl_top_k(&top, &other);
+        assert!(kl > 0.1, "{kl}");
+        // a lower bound on the full KL
+        let full: f64 = q
+            .iter()
+            .zip(&other)
+            .map(|(&p, &o)| f64::from(p).exp() * f64::from(p - o))
+            .sum();
+        assert!(kl <= full + 1e-6, "{kl} > {full}"); // f32 log-softmax
+    }
+
+    #[test]
+    fn distinct_bigrams() {
+        assert_eq!(distinct2(&[vec![1, 2, 3, 4]]), 1.0);
+        // 1 2 1 2 1 2: bigrams (1,2) (2,1) (1,2) (2,1) (1,2) → 2 distinct of 5
+        assert!((distinct2(&[vec![1, 2, 1, 2, 1, 2]]) - 0.4).abs() < 1e-12);
+        assert!((distinct2(&[vec![1, 2, 3], vec![7, 7, 7], vec![5]]) - 0.75).abs() < 1e-12);
+    }
 }

@@ -36,9 +36,15 @@ enum EvalCommand {
 struct DefencesArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Proxy student (student directory or GGUF); also the students' starting weights.
+    /// Proxy student (student directory or GGUF); also the students' starting weights
+    /// unless --student-init names others.
     #[arg(long)]
     antidistill_proxy: PathBuf,
+    /// Where the distilled students start (student directory or GGUF, same vocabulary
+    /// as the teacher). A defence measured against its own proxy is its best case; an
+    /// attacker brings their own student.
+    #[arg(long)]
+    student_init: Option<PathBuf>,
     /// The proxy's held-out gradient (`isotope defence gradient`).
     #[arg(long)]
     antidistill_grad: PathBuf,
@@ -108,7 +114,12 @@ fn defences(a: DefencesArgs) -> Result<()> {
         antidistill_top_k: a.antidistill_top_k,
     };
     let defence = ad.build(&model)?.expect("proxy given");
-    let (proxy, tok) = isotope_defence::load_proxy(&a.antidistill_proxy)?;
+    let (init_path, init_name) = match &a.student_init {
+        Some(p) => (p.clone(), p.display().to_string()),
+        None => (a.antidistill_proxy.clone(), "proxy".to_owned()),
+    };
+    let (student_init, tok) = isotope_defence::load_proxy(&init_path)
+        .with_context(|| format!("loading the students' start {}", init_path.display()))?;
     let cfg = DefenceEvalConfig {
         lambdas: a.lambdas.clone(),
         max_tokens: a.max_tokens,
@@ -130,7 +141,8 @@ fn defences(a: DefencesArgs) -> Result<()> {
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let report = evaluate_defences(
         &model,
-        &proxy,
+        &student_init,
+        &init_name,
         &tok,
         &defence,
         &texts[..a.train_prompts],
@@ -147,23 +159,45 @@ fn defences(a: DefencesArgs) -> Result<()> {
     }
     println!("note: {}", report.note);
     println!(
-        "{} train prompts, {} held-out prompts ({} teacher tokens); student before fine-tuning: ppl {:.2}",
-        report.train_prompts, report.heldout_prompts, report.heldout_tokens, report.student_ppl_before
+        "{} train prompts, {} held-out prompts ({} teacher tokens); students start from {}: \
+         before fine-tuning ppl {:.2}, KL {:.3}",
+        report.train_prompts,
+        report.heldout_prompts,
+        report.heldout_tokens,
+        report.student_init,
+        report.student_ppl_before,
+        report.student_kl_before
     );
     println!(
-        "{:>8} {:>12} {:>8} {:>12} {:>10} {:>9} {:>9}",
-        "lambda", "teacher ppl", "tokens", "student ppl", "train loss", "teacher Δ", "student Δ"
+        "{:>7} | {:>9} {:>7} {:>6} {:>8} {:>9} | {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}",
+        "lambda",
+        "teach ppl",
+        "top1",
+        "dist2",
+        "tokens",
+        "teacher Δ",
+        "stud ppl",
+        "KL",
+        "top1",
+        "loss",
+        "ppl Δ",
+        "KL Δ"
     );
     for p in &report.points {
         println!(
-            "{:>8} {:>12.3} {:>8} {:>12.3} {:>10.3} {:>+8.1}% {:>+8.1}%",
+            "{:>7} | {:>9.3} {:>7.3} {:>6.3} {:>8} {:>+8.1}% | {:>9.2} {:>7.3} {:>6.3} {:>8.3} {:>+8.1}% {:>+7.1}%",
             p.lambda,
             p.teacher_ppl,
+            p.teacher_top1_agreement,
+            p.teacher_distinct2,
             p.teacher_tokens,
-            p.student_ppl,
-            p.student_train_loss,
             100.0 * p.teacher_ppl_increase,
-            100.0 * p.student_ppl_increase
+            p.student_ppl,
+            p.student_kl,
+            p.student_top1_agreement,
+            p.student_train_loss,
+            100.0 * p.student_ppl_increase,
+            100.0 * p.student_kl_increase
         );
     }
     println!("plot: {}", a.png.display());

@@ -64,8 +64,8 @@ fn sse_text(server: &Server, key: &str, body: Value) -> String {
         .collect()
 }
 
-/// Train a tiny proxy student and its gradient on a few GSM8K answers (seconds).
-fn proxy(dir: &Path) -> (PathBuf, PathBuf) {
+/// A few GSM8K question/answer pairs as a distillation JSONL file.
+fn tasks(dir: &Path) -> PathBuf {
     let data = dir.join("tasks.jsonl");
     let gsm = std::fs::read_to_string(workspace().join("data/gsm8k/train.jsonl"))
         .expect("data/gsm8k/train.jsonl");
@@ -78,25 +78,36 @@ fn proxy(dir: &Path) -> (PathBuf, PathBuf) {
         })
         .collect();
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    let student = dir.join("proxy");
+    data
+}
+
+/// A tiny student on the teacher's vocabulary, trained for a few steps (seconds).
+fn tiny_student(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let student = dir.join(name);
     run_ok(
         isotope()
             .args(["distill", "train", "--data"])
-            .arg(&data)
+            .arg(tasks(dir))
             .arg("--out")
             .arg(&student)
             .arg("--tokenizer-gguf")
             .arg(model())
             .args(["--student", "tiny", "--max-steps", "3", "--batch-size", "4"])
-            .args(["--seq-len", "128", "--json"]),
+            .args(["--seq-len", "128", "--seed", &seed.to_string(), "--json"]),
     );
+    student
+}
+
+/// Train a tiny proxy student and its gradient on a few GSM8K answers (seconds).
+fn proxy(dir: &Path) -> (PathBuf, PathBuf) {
+    let student = tiny_student(dir, "proxy", 1);
     let grad = dir.join("grad.safetensors");
     run_ok(
         isotope()
             .args(["defence", "gradient", "--proxy"])
             .arg(&student)
             .arg("--tasks")
-            .arg(&data)
+            .arg(tasks(dir))
             .arg("--out")
             .arg(&grad)
             .arg("--json"),
@@ -422,4 +433,73 @@ print(json.dumps(rows))
             }
         }
     }
+}
+
+/// `isotope eval defences` end to end at toy size: every λ gets a teacher and a student
+/// row with metrics in range, the baseline's increases are zero, students start from
+/// the named weights (not the proxy), and the plot is written.
+#[test]
+fn eval_defences_reports_teacher_and_student_quality() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, grad) = proxy(dir.path());
+    let other = tiny_student(dir.path(), "attacker", 2);
+    let png = dir.path().join("tradeoff.png");
+    let out = run_ok(
+        isotope()
+            .args(["eval", "defences", "--model"])
+            .arg(model())
+            .arg("--antidistill-proxy")
+            .arg(&proxy)
+            .arg("--antidistill-grad")
+            .arg(&grad)
+            .arg("--student-init")
+            .arg(&other)
+            .args([
+                "--lambdas",
+                "0,8",
+                "--train-prompts",
+                "4",
+                "--heldout-prompts",
+                "2",
+            ])
+            .args(["--max-tokens", "12", "--epochs", "1", "--concurrency", "2"])
+            // one llama.cpp thread: spinning threads on a busy 2-core machine cost
+            // minutes; alone this takes ~50 s
+            .args(["--threads", "1"])
+            .arg("--data")
+            .arg(workspace().join("data"))
+            .arg("--png")
+            .arg(&png)
+            .arg("--json"),
+    );
+    let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["student_init"], other.display().to_string(), "{r}");
+    assert!(r["student_kl_before"].as_f64().unwrap() > 0.0, "{r}");
+    let points = r["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{r}");
+    let share = |p: &Value, k: &str| {
+        let v = p[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}: {p}");
+        v
+    };
+    for p in points {
+        assert!(p["teacher_ppl"].as_f64().unwrap() >= 1.0, "{p}");
+        assert!(p["teacher_tokens"].as_u64().unwrap() > 0, "{p}");
+        share(p, "teacher_top1_agreement");
+        assert!(share(p, "teacher_distinct2") > 0.0, "{p}");
+        share(p, "student_top1_agreement");
+        let kl = p["student_kl"].as_f64().unwrap();
+        assert!(kl.is_finite() && kl >= 0.0, "{p}");
+        assert!(p["student_ppl"].as_f64().unwrap().is_finite(), "{p}");
+    }
+    for k in [
+        "teacher_ppl_increase",
+        "student_ppl_increase",
+        "student_kl_increase",
+    ] {
+        assert_eq!(points[0][k], 0.0, "{k}: {r}");
+    }
+    // the defence at λ = 8 changes what the teacher says (same seeds as λ = 0)
+    assert_ne!(points[0]["teacher_ppl"], points[1]["teacher_ppl"], "{r}");
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
 }

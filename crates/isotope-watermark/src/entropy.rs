@@ -176,6 +176,44 @@ pub fn spike_entropy(logits: &[f32], z: f64) -> f64 {
         .sum()
 }
 
+/// Both measures of `softmax(logits)` at once — `(Shannon, spike with modulus z)` —
+/// with one `exp` per logit instead of one per measure: the detector's model pass
+/// computes them at every position of every text, over the whole vocabulary.
+/// `scratch` is reused between calls.
+pub fn entropies(logits: &[f32], z: f64, scratch: &mut Vec<f64>) -> (f64, f64) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return (0.0, 1.0 / (1.0 + z));
+    }
+    let max = f64::from(max);
+    scratch.clear();
+    let (mut s0, mut s1) = (0.0f64, 0.0f64);
+    for &x in logits {
+        let d = f64::from(x) - max;
+        let e = d.exp();
+        if e > 0.0 {
+            s0 += e;
+            s1 += e * d;
+        }
+        scratch.push(e);
+    }
+    // H = ln Z − E[d] with Z = s0, E[d] = s1 / s0.
+    let shannon = (s0.ln() - s1 / s0).max(0.0);
+    let inv = 1.0 / s0;
+    let spike = scratch
+        .iter()
+        .map(|&e| {
+            let p = e * inv;
+            p / (1.0 + z * p)
+        })
+        .sum();
+    (shannon, spike)
+}
+
 /// The spike-entropy modulus of KGW with green fraction `gamma` and bias `delta`:
 /// `z = (1 − γ)(e^δ − 1) / (1 + (e^δ − 1) γ)`.
 pub fn spike_modulus(gamma: f64, delta: f64) -> f64 {
@@ -226,6 +264,23 @@ mod tests {
         assert!(flat > 0.999 && flat < 1.0);
         let s = spike_entropy(&[0.0, 0.0], z);
         assert!((s - 1.0 / (1.0 + z / 2.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fused_entropies_match_the_separate_ones() {
+        let z = spike_modulus(0.25, 2.0);
+        let mut scratch = Vec::new();
+        for row in [
+            vec![0.0f32; 7],
+            vec![3.0, -1.0, 0.5, 2.0, f32::NEG_INFINITY, -20.0],
+            (0..5000).map(|i| ((i * 7919) % 113) as f32 * 0.1).collect(),
+        ] {
+            let (h, s) = entropies(&row, z, &mut scratch);
+            assert!((h - shannon_entropy(&row)).abs() < 1e-9, "{h}");
+            assert!((s - spike_entropy(&row, z)).abs() < 1e-9, "{s}");
+        }
+        let (h, s) = entropies(&[f32::NEG_INFINITY], z, &mut scratch);
+        assert_eq!((h, s), (0.0, 1.0 / (1.0 + z)));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub fn token_entropies(
     scheme: &Scheme,
     threads: Option<usize>,
 ) -> Result<Vec<PositionEntropy>, EngineError> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
     let z = scheme_modulus(scheme);
     let ctx = model.n_ctx_train() as usize;
     let segment = ctx.saturating_sub(prefix.len()).max(1);

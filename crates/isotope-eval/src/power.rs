@@ -514,6 +514,7 @@ pub fn evaluate(
     )?;
     // The model reads only what the buckets test.
     let longest_bucket = opts.buckets.iter().copied().max().unwrap_or(0);
+    let shortest_bucket = opts.buckets.iter().copied().min().unwrap_or(0);
     let mut speed = DetectorSpeed {
         tokens: 0,
         model_seconds: 0.0,
@@ -528,9 +529,16 @@ pub fn evaluate(
         if opts.entropy_rules.is_empty() {
             return Ok(Vec::new());
         }
+        // Responses shorter than every bucket are never tested: not read (empty).
         let cut: Vec<Vec<TokenId>> = rs
             .iter()
-            .map(|r| r[..r.len().min(longest_bucket)].to_vec())
+            .map(|r| {
+                if r.len() < shortest_bucket {
+                    Vec::new()
+                } else {
+                    r[..r.len().min(longest_bucket)].to_vec()
+                }
+            })
             .collect();
         let EntropyBatch {
             entropies,

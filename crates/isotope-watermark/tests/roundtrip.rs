@@ -525,16 +525,16 @@ fn masked_detection_is_exact_for_key_independent_masks_only() {
 /// stays within its band for 20 fixed keys.
 #[test]
 fn entropy_masked_detection_is_calibrated_per_fixed_key() {
-    use isotope_watermark::entropy::shannon_entropy;
     use isotope_watermark::EntropyRule;
     let prompt = [3u32];
     let rule = EntropyRule::DEFAULT;
+    let scheme = Scheme::kgw();
     let mask_of = |text: &[u32]| -> Vec<bool> {
         (0..text.len())
             .map(|p| {
                 let mut ctx = prompt.to_vec();
                 ctx.extend_from_slice(&text[..p]);
-                rule.keeps(shannon_entropy(&logits(&ctx)))
+                rule.keeps(rule.value(&logits(&ctx), &scheme))
             })
             .collect()
     };
@@ -545,7 +545,6 @@ fn entropy_masked_detection_is_calibrated_per_fixed_key() {
             (t, m)
         })
         .collect();
-    let scheme = Scheme::kgw();
     for k in 0..20u8 {
         let det = Detector::new(key(150 + k), scheme.clone(), no_exclusions());
         let alarms = texts

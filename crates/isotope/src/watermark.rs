@@ -153,7 +153,7 @@ pub struct DetectArgs {
     #[arg(long)]
     entropy_aware: bool,
     /// The rule of --entropy-aware: `shannon:NATS` or `spike:S` (default: isotope's
-    /// fixed rule, shannon:0.6). Fix it before looking at the text.
+    /// fixed rule, spike:0.5). Fix it before looking at the text.
     #[arg(long, requires = "entropy_aware")]
     entropy_rule: Option<String>,
     /// Print one JSON object.

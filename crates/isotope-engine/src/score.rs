@@ -43,8 +43,35 @@ impl Model {
         top_k: usize,
         threads: Option<usize>,
     ) -> Result<Vec<TokenScore>, EngineError> {
+        let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+        self.score_with(tokens, threads, |k, logits| {
+            let z = log_sum_exp(logits);
+            let next = tokens[k + 1];
+            out.push(TokenScore {
+                token: next,
+                logprob: logits[next as usize] - z,
+                top: top_n(logits, top_k)
+                    .into_iter()
+                    .map(|t| (t, logits[t as usize] - z))
+                    .collect(),
+            });
+        })?;
+        Ok(out)
+    }
+
+    /// One teacher-forced pass: `f(k, logits)` for `k` in `0..tokens.len() - 1`, in
+    /// order, with the raw logits of the distribution of `tokens[k + 1]` given
+    /// `tokens[..=k]` — for callers that need something other than log-probs of the
+    /// text (e.g. the entropy of every position, for entropy-aware detection) without
+    /// copying a vocabulary-wide row per position.
+    pub fn score_with(
+        &self,
+        tokens: &[TokenId],
+        threads: Option<usize>,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<(), EngineError> {
         if tokens.len() < 2 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let limit = self.n_ctx_train() as usize;
         if tokens.len() > limit {
@@ -70,7 +97,6 @@ impl Model {
             .new_context(backend(), params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
         let mut batch = LlamaBatch::new(chunk, 1);
-        let mut out = Vec::with_capacity(tokens.len() - 1);
         // The last token predicts nothing we score.
         let inputs = &tokens[..tokens.len() - 1];
         for (c, piece) in inputs.chunks(chunk).enumerate() {
@@ -84,19 +110,9 @@ impl Model {
             ctx.decode(&mut batch)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             for k in 0..piece.len() {
-                let logits = ctx.get_logits_ith(k as i32);
-                let z = log_sum_exp(logits);
-                let next = tokens[start + k + 1];
-                out.push(TokenScore {
-                    token: next,
-                    logprob: logits[next as usize] - z,
-                    top: top_n(logits, top_k)
-                        .into_iter()
-                        .map(|t| (t, logits[t as usize] - z))
-                        .collect(),
-                });
+                f(start + k, ctx.get_logits_ith(k as i32));
             }
         }
-        Ok(out)
+        Ok(())
     }
 }

@@ -19,6 +19,11 @@
 //! each), and a negative control: the detector *without* deduplication, on the human
 //! texts and on synthetic repetitive ones (a human sentence repeated), where its
 //! p-values are invalid — which shows the checks above can fail.
+//!
+//! With [`CalibrationOptions::masks`] (one per human text, e.g. from
+//! [`crate::entropy::entropy_mask`]) the per-text, corpus and fresh-key tests are
+//! *entropy-aware*: only the positions a mask keeps are scored. The repetitive texts of
+//! the negative control have no mask and are tested as before.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -58,6 +63,11 @@ pub struct CalibrationOptions {
     /// Tuples never scored because they are common in (other) human text; `None`
     /// scores every tuple. Applies to every detector run here, the controls included.
     pub common: Option<Arc<CommonTuples>>,
+    /// Positions scored, one mask per human text in the order given to
+    /// [`calibrate_with`] (tokenized as there: no BOS, no special tokens); a text
+    /// without a mask, or a position past its mask's end, is not scored. `None` scores
+    /// every position.
+    pub masks: Option<Arc<Vec<Vec<bool>>>>,
 }
 
 impl Default for CalibrationOptions {
@@ -73,6 +83,7 @@ impl Default for CalibrationOptions {
             seed: 0x150_7095,
             threads: 0,
             common: None,
+            masks: None,
         }
     }
 }
@@ -384,6 +395,27 @@ impl Inputs<'_> {
             None => d,
         }
     }
+
+    /// Test human text `i` (masked if masks are given).
+    fn detect(&self, d: &Detector, i: usize) -> Detection {
+        match &self.opts.masks {
+            Some(m) => d.detect_masked(&self.human[i], m.get(i).map_or(&[][..], |v| v)),
+            None => d.detect(&self.human[i]),
+        }
+    }
+
+    /// Test corpus `c` as one deduplicated test (masked if masks are given).
+    fn detect_corpus(&self, d: &Detector, c: &[usize]) -> Detection {
+        match &self.opts.masks {
+            Some(m) => d.detect_corpus_masked(c.iter().map(|&i| {
+                (
+                    self.human[i].as_slice(),
+                    m.get(i).map_or(&[][..], |v| v.as_slice()),
+                )
+            })),
+            None => d.detect_corpus(c.iter().map(|&i| self.human[i].as_slice())),
+        }
+    }
 }
 
 fn run_job(inputs: &Inputs<'_>, key: &Arc<WatermarkKey>, scheme: &Scheme, job: u64) -> JobResult {
@@ -399,13 +431,13 @@ fn run_job(inputs: &Inputs<'_>, key: &Arc<WatermarkKey>, scheme: &Scheme, job: u
         rec.out
     };
     let per_text = family(0, &mut |rec| {
-        for t in inputs.human {
-            rec.record(&detector.detect(t));
+        for i in 0..inputs.human.len() {
+            rec.record(&inputs.detect(&detector, i));
         }
     });
     let corpus = family(1, &mut |rec| {
         for c in inputs.corpora {
-            rec.record(&detector.detect_corpus(c.iter().map(|&i| inputs.human[i].as_slice())));
+            rec.record(&inputs.detect_corpus(&detector, c));
         }
     });
     let no_dedup_human = family(2, &mut |rec| {
@@ -449,15 +481,13 @@ fn run_fresh(
         inputs.detector(Arc::new(key), scheme)
     };
     let mut rec = Recorder::new(&opts.alphas, scheme, opts.seed, job * 8);
-    for (i, t) in inputs.human.iter().enumerate() {
-        rec.record(&detector("text", i).detect(t));
+    for i in 0..inputs.human.len() {
+        rec.record(&inputs.detect(&detector("text", i), i));
     }
     let per_text = rec.out;
     let mut rec = Recorder::new(&opts.alphas, scheme, opts.seed, job * 8 + 1);
     for (i, c) in inputs.corpora.iter().enumerate() {
-        rec.record(
-            &detector("corpus", i).detect_corpus(c.iter().map(|&t| inputs.human[t].as_slice())),
-        );
+        rec.record(&inputs.detect_corpus(&detector("corpus", i), c));
     }
     (per_text, rec.out)
 }

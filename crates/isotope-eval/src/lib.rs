@@ -12,6 +12,10 @@
 //! - [`common`]: the list of tuples common in human text that detection leaves out,
 //!   built from the reference split of the corpora (calibration uses the rest).
 //!
+//! - [`entropy`]: the model pass of entropy-aware detection — the unwatermarked
+//!   model's next-token entropy at each position of a text, and the mask of positions
+//!   the detector scores.
+//!
 //! - [`power`]: `isotope eval watermark` — detection power by length, quality cost
 //!   (perplexity, length) and robustness (edits, crops, mixing into human text) of
 //!   each scheme on the real model's answers.
@@ -21,6 +25,7 @@
 pub mod calibration;
 pub mod common;
 pub mod data;
+pub mod entropy;
 pub mod power;
 
 pub use calibration::{
@@ -32,6 +37,10 @@ pub use common::{
     tokenizer_fingerprint, CommonError, COMMON_MIN_TEXTS, COMMON_SHAPES, SHIPPED_COMMON,
 };
 pub use data::{default_data_dir, load_human_texts, repetitive_texts, DataError, HumanText};
+pub use entropy::{
+    batch_entropies, entropy_mask, entropy_prefix, rule_mask, token_entropies, EntropyBatch,
+    PositionEntropy,
+};
 pub use power::{
     evaluate, render, BucketRow, PowerOptions, PowerReport, Quality, RateAt, Rates, RobustRow,
     SchemePower,

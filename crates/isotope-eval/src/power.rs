@@ -18,6 +18,15 @@
 //!   `crop_tokens` crop from the middle; that crop pasted into `mix_factor` times as much
 //!   human text (held-out split), found by the windowed detector (p-value corrected
 //!   for the spans it tried).
+//!
+//! With [`PowerOptions::entropy_rules`], every length bucket also shows
+//! **entropy-aware** detection (SWEET): the unwatermarked model reads each response
+//! (after a fixed prefix, not the prompt, which a detector does not have —
+//! [`crate::entropy`]) and only positions whose next-token entropy passes the rule are
+//! scored — the same responses, the same key, side by side with the plain detector,
+//! and the same on the control. The model pass's throughput is reported.
+//! [`PowerOptions::prompt_skip`] leaves out the first prompts of the seeded sample, so
+//! a rule can be tuned on prompts the evaluation does not use.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,12 +35,15 @@ use isotope_engine::{
     BatchConfig, Batcher, ChatMessage, EngineError, Event, GenerationRequest, Model, SeqId,
 };
 use isotope_sampling::{Sampler, SamplingParams, TokenId};
-use isotope_watermark::{CommonTuples, Detection, Detector, Scheme, WatermarkHook, WatermarkKey};
+use isotope_watermark::{
+    CommonTuples, Detection, Detector, EntropyRule, Scheme, WatermarkHook, WatermarkKey,
+};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 
 use crate::data::HumanText;
+use crate::entropy::{batch_entropies, rule_mask, EntropyBatch, PositionEntropy};
 
 /// Knobs of [`evaluate`].
 #[derive(Clone, Debug)]
@@ -68,6 +80,12 @@ pub struct PowerOptions {
     pub common: Option<Arc<CommonTuples>>,
     /// Measure perplexity (costs one scoring pass per response).
     pub quality: bool,
+    /// Entropy-aware detection rules shown beside the plain detector (empty: none,
+    /// and no model pass).
+    pub entropy_rules: Vec<EntropyRule>,
+    /// Prompts of the seeded sample skipped before the `n` used (half from each kind),
+    /// so that a tuning run and an evaluation run see disjoint prompts.
+    pub prompt_skip: usize,
 }
 
 impl Default for PowerOptions {
@@ -92,6 +110,8 @@ impl Default for PowerOptions {
             min_span: 16,
             common: None,
             quality: true,
+            entropy_rules: Vec::new(),
+            prompt_skip: 0,
         }
     }
 }
@@ -176,6 +196,37 @@ pub struct BucketRow {
     pub watermarked: Rates,
     /// Unwatermarked responses with at least `L` tokens, same key and scheme.
     pub control: Rates,
+    /// The same responses under entropy-aware detection, one entry per rule (empty
+    /// without [`PowerOptions::entropy_rules`]).
+    pub entropy_aware: Vec<EntropyAwareRow>,
+}
+
+/// Entropy-aware detection under one rule.
+#[derive(Clone, Debug, Serialize)]
+pub struct EntropyAwareRow {
+    /// The rule, e.g. `shannon:0.6`.
+    pub rule: String,
+    /// On the watermarked responses.
+    pub watermarked: Rates,
+    /// On the unwatermarked responses.
+    pub control: Rates,
+    /// Mean share of the positions after the first `h` that the rule keeps, on the
+    /// watermarked responses.
+    pub kept_share: f64,
+}
+
+/// Speed of the entropy-aware detector.
+#[derive(Clone, Debug, Serialize)]
+pub struct DetectorSpeed {
+    /// Tokens read by the model pass (every response, plain and watermarked).
+    pub tokens: u64,
+    /// Seconds of the model pass (entropies included).
+    pub model_seconds: f64,
+    /// Seconds of the masked detections (every bucket and rule).
+    pub detect_seconds: f64,
+    /// Tokens detected per second including the model pass: `tokens / (model pass +
+    /// one masked detection of each response)`.
+    pub tokens_per_sec: f64,
 }
 
 /// One attack.
@@ -240,15 +291,23 @@ pub struct PowerReport {
     pub alphas: Vec<f64>,
     /// Unwatermarked generation, tokens per second.
     pub plain_tokens_per_sec: f64,
+    /// Entropy-aware rules shown (canonical strings).
+    pub entropy_rules: Vec<String>,
+    /// Prompts skipped at the start of the seeded sample.
+    pub prompt_skip: usize,
+    /// Throughput of entropy-aware detection (with the model pass), if any rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy_detector: Option<DetectorSpeed>,
     /// Per scheme.
     pub schemes: Vec<SchemePower>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
 
-/// Prompts: a seeded sample of `n` instructions and questions, half each.
-fn sample_prompts(texts: &[HumanText], n: usize, seed: u64) -> Vec<String> {
-    let pick = |suffix: &str, k: usize, stream: u64| {
+/// Prompts: a seeded sample of `n` instructions and questions, half each, after
+/// skipping the first `skip` of the sample (half each too).
+fn sample_prompts(texts: &[HumanText], n: usize, skip: usize, seed: u64) -> Vec<String> {
+    let pick = |suffix: &str, skip: usize, k: usize, stream: u64| {
         let mut pool: Vec<&str> = texts
             .iter()
             .filter(|t| t.source.ends_with(suffix))
@@ -258,12 +317,13 @@ fn sample_prompts(texts: &[HumanText], n: usize, seed: u64) -> Vec<String> {
         rng.set_stream(stream);
         shuffle(&mut pool, &mut rng);
         pool.into_iter()
+            .skip(skip)
             .take(k)
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let a = pick(":instruction", n / 2, 1);
-    let b = pick(":question", n - a.len(), 2);
+    let a = pick(":instruction", skip / 2, n / 2, 1);
+    let b = pick(":question", skip - skip / 2, n - a.len(), 2);
     // Interleave so any prefix of the run mixes both kinds.
     let mut out = Vec::with_capacity(n);
     let (mut a, mut b) = (a.into_iter(), b.into_iter());
@@ -428,13 +488,14 @@ pub fn evaluate(
 ) -> Result<PowerReport, EngineError> {
     let start = Instant::now();
     let s = opts.schemes.len();
-    let total = opts.n * (s + 1) * if opts.quality { 2 } else { 1 };
+    let passes = 1 + usize::from(opts.quality) + usize::from(!opts.entropy_rules.is_empty());
+    let total = opts.n * (s + 1) * passes;
     let mut done = 0usize;
     let mut step = |phase: &str| {
         done += 1;
         progress(phase, done, total);
     };
-    let prompts: Vec<Vec<TokenId>> = sample_prompts(texts, opts.n, opts.seed)
+    let prompts: Vec<Vec<TokenId>> = sample_prompts(texts, opts.n, opts.prompt_skip, opts.seed)
         .into_iter()
         .map(|p| model.chat_tokens(&[ChatMessage::new("user", p)]))
         .collect::<Result<_, _>>()?;
@@ -450,6 +511,51 @@ pub fn evaluate(
         opts,
         |i| Sampler::new(params(i), 0),
         || step("unwatermarked"),
+    )?;
+    // The model reads only what the buckets test.
+    let longest_bucket = opts.buckets.iter().copied().max().unwrap_or(0);
+    let shortest_bucket = opts.buckets.iter().copied().min().unwrap_or(0);
+    let mut speed = DetectorSpeed {
+        tokens: 0,
+        model_seconds: 0.0,
+        detect_seconds: 0.0,
+        tokens_per_sec: 0.0,
+    };
+    let entropies_of = |rs: &[Vec<TokenId>],
+                        scheme: &Scheme,
+                        speed: &mut DetectorSpeed,
+                        step: &mut dyn FnMut(&str)|
+     -> Result<Vec<Vec<PositionEntropy>>, EngineError> {
+        if opts.entropy_rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Responses shorter than every bucket are never tested: not read (empty).
+        let cut: Vec<Vec<TokenId>> = rs
+            .iter()
+            .map(|r| {
+                if r.len() < shortest_bucket {
+                    Vec::new()
+                } else {
+                    r[..r.len().min(longest_bucket)].to_vec()
+                }
+            })
+            .collect();
+        let EntropyBatch {
+            entropies,
+            tokens,
+            seconds,
+        } = batch_entropies(model, &cut, scheme, opts.threads, || step("entropy"))?;
+        speed.tokens += tokens;
+        speed.model_seconds += seconds;
+        Ok(entropies)
+    };
+    // The spike modulus is the scheme's, so the control is read once per scheme below;
+    // Shannon entropies do not depend on it.
+    let plain_entropies = entropies_of(
+        &plain,
+        opts.schemes.first().unwrap_or(&Scheme::kgw()),
+        &mut speed,
+        &mut step,
     )?;
     let ppl_plain = if opts.quality {
         Some(perplexity(model, &prompts, &plain, opts.threads, || {
@@ -491,6 +597,14 @@ pub fn evaluate(
         } else {
             None
         };
+        let marked_entropies = entropies_of(&marked, scheme, &mut speed, &mut step)?;
+        let control_entropies = if opts.schemes.first() == Some(scheme) {
+            plain_entropies.clone()
+        } else {
+            // Only the spike modulus differs: recompute it from the stored Shannon
+            // pass would need the logits again, so read the control once more.
+            entropies_of(&plain, scheme, &mut speed, &mut |_| {})?
+        };
         let applied = if greedy {
             scheme.for_greedy()
         } else {
@@ -500,6 +614,7 @@ pub fn evaluate(
         if let Some(c) = &opts.common {
             detector = detector.with_common(c.clone());
         }
+        let mut detect_seconds = 0.0f64;
         let rates = |rs: &[Vec<TokenId>], f: &dyn Fn(&[TokenId]) -> Option<Detection>| {
             let ds: Vec<Detection> = rs.iter().filter_map(|r| f(r)).collect();
             Rates::of(&opts.alphas, &ds)
@@ -509,10 +624,45 @@ pub fn evaluate(
             .iter()
             .map(|&l| {
                 let f = |r: &[TokenId]| (r.len() >= l).then(|| detector.detect(&r[..l]));
+                let entropy_aware = opts
+                    .entropy_rules
+                    .iter()
+                    .map(|rule| {
+                        let t0 = Instant::now();
+                        let masked = |rs: &[Vec<TokenId>], es: &[Vec<PositionEntropy>]| {
+                            let ds: Vec<Detection> = rs
+                                .iter()
+                                .zip(es)
+                                .filter(|(r, _)| r.len() >= l)
+                                .map(|(r, e)| {
+                                    detector.detect_masked(&r[..l], &rule_mask(rule, &e[..l]))
+                                })
+                                .collect();
+                            Rates::of(&opts.alphas, &ds)
+                        };
+                        let h = applied.context();
+                        let (mut kept, mut of) = (0usize, 0usize);
+                        for (r, e) in marked.iter().zip(&marked_entropies) {
+                            if r.len() >= l && l > h {
+                                kept += rule_mask(rule, &e[h..l]).iter().filter(|&&k| k).count();
+                                of += l - h;
+                            }
+                        }
+                        let row = EntropyAwareRow {
+                            rule: rule.to_string(),
+                            watermarked: masked(&marked, &marked_entropies),
+                            control: masked(&plain, &control_entropies),
+                            kept_share: kept as f64 / of.max(1) as f64,
+                        };
+                        detect_seconds += t0.elapsed().as_secs_f64();
+                        row
+                    })
+                    .collect();
                 BucketRow {
                     tokens: l,
                     watermarked: rates(&marked, &f),
                     control: rates(&plain, &f),
+                    entropy_aware,
                 }
             })
             .collect();
@@ -567,6 +717,9 @@ pub fn evaluate(
             control: attacked(&plain, 300, &f),
         });
 
+        // Detections per response: one per bucket and rule, watermarked and control.
+        let per_response = (opts.buckets.len() * opts.entropy_rules.len() * 2).max(1);
+        speed.detect_seconds += detect_seconds / per_response as f64;
         let (mt, mp) = (mean_len(&marked), mean_len(&plain));
         schemes.push(SchemePower {
             scheme: applied.to_string(),
@@ -592,6 +745,13 @@ pub fn evaluate(
         common_filter: opts.common.is_some(),
         alphas: opts.alphas.clone(),
         plain_tokens_per_sec: plain_tps,
+        entropy_rules: opts.entropy_rules.iter().map(ToString::to_string).collect(),
+        prompt_skip: opts.prompt_skip,
+        entropy_detector: (!opts.entropy_rules.is_empty()).then(|| DetectorSpeed {
+            tokens_per_sec: speed.tokens as f64
+                / (speed.model_seconds + speed.detect_seconds).max(1e-9),
+            ..speed
+        }),
         schemes,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -615,6 +775,19 @@ pub fn render(r: &PowerReport) -> String {
         r.seconds,
         r.plain_tokens_per_sec
     );
+    if let Some(d) = &r.entropy_detector {
+        let _ = writeln!(
+            s,
+            "entropy-aware detection (rules {}; prompts skipped {}): {:.0} tok/s with the model \
+             pass ({} tokens, {:.1} s model, {:.2} s detection)",
+            r.entropy_rules.join(", "),
+            r.prompt_skip,
+            d.tokens_per_sec,
+            d.tokens,
+            d.model_seconds,
+            d.detect_seconds
+        );
+    }
     for sc in &r.schemes {
         let q = &sc.quality;
         let ppl = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.2}"));
@@ -669,6 +842,14 @@ pub fn render(r: &PowerReport) -> String {
                 &b.watermarked,
                 &b.control,
             );
+            for e in &b.entropy_aware {
+                row(
+                    &mut s,
+                    &format!("  entropy-aware {} ({:.0}%)", e.rule, e.kept_share * 100.0),
+                    &e.watermarked,
+                    &e.control,
+                );
+            }
         }
         for a in &sc.robustness {
             row(&mut s, &a.attack, &a.watermarked, &a.control);

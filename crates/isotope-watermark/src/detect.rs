@@ -72,7 +72,7 @@ impl Tally {
     /// Pre-seed the deduplication set with the tuples of `tokens` (e.g. the prompts a
     /// suspect was given) without scoring them.
     pub fn exclude(&mut self, detector: &Detector, tokens: &[u32]) {
-        detector.visit(tokens, &mut self.seen, &HashSet::new(), |_, _| {});
+        detector.visit(tokens, None, &mut self.seen, &HashSet::new(), |_, _| {});
     }
 
     /// Pre-seed the deduplication set with the *windows* of `tokens` (the prompts a
@@ -185,10 +185,14 @@ impl Detector {
     }
 
     /// Calls `f(position, value)` for every scored, first-seen tuple of `tokens`;
-    /// returns how many distinct tuples were left out as common.
+    /// returns how many distinct tuples were left out as common. With a `mask`, a
+    /// position `p` is considered only if `mask[p]` is true (positions past its end are
+    /// not); a masked-out position neither scores nor spends its tuple, so a tuple
+    /// first met at a masked-out position can still be scored where it recurs.
     fn visit(
         &self,
         tokens: &[u32],
+        mask: Option<&[bool]>,
         seen: &mut HashSet<(u128, u32)>,
         windows: &HashSet<u128>,
         mut f: impl FnMut(usize, f64),
@@ -201,6 +205,9 @@ impl Detector {
         let mut fixed = matches!(self.scheme, Scheme::Unigram { .. })
             .then(|| WindowPrf::new(&self.scheme, &self.key, &[]));
         for pos in h..tokens.len() {
+            if mask.is_some_and(|m| !m.get(pos).copied().unwrap_or(false)) {
+                continue;
+            }
             let token = tokens[pos];
             if self.excluded.get(token as usize).copied().unwrap_or(false) {
                 continue;
@@ -387,14 +394,27 @@ impl Detector {
     /// [`Detector::tally`], calling `on_scored(position, value)` for every tuple
     /// scored (the tuple is `(tokens[position-h..position], tokens[position])`) — for
     /// evidence bundles that list the scored tuples.
-    pub fn tally_with(
+    pub fn tally_with(&self, tally: &mut Tally, tokens: &[u32], on_scored: impl FnMut(usize, f64)) {
+        self.tally_masked_with(tally, tokens, None, on_scored);
+    }
+
+    /// [`Detector::tally`] scoring only the positions `p` with `mask[p]` true (see
+    /// [`Detector::detect_masked`] for why the p-value stays exact).
+    pub fn tally_masked(&self, tally: &mut Tally, tokens: &[u32], mask: &[bool]) {
+        self.tally_masked_with(tally, tokens, Some(mask), |_, _| {});
+    }
+
+    /// [`Detector::tally_with`] over the positions `mask` keeps (`None`: all) —
+    /// e.g. to list the tuples an entropy-aware test scored.
+    pub fn tally_masked_with(
         &self,
         tally: &mut Tally,
         tokens: &[u32],
+        mask: Option<&[bool]>,
         mut on_scored: impl FnMut(usize, f64),
     ) {
         let (mut n, mut sum) = (0u64, 0.0f64);
-        tally.common += self.visit(tokens, &mut tally.seen, &tally.windows, |p, v| {
+        tally.common += self.visit(tokens, mask, &mut tally.seen, &tally.windows, |p, v| {
             n += 1;
             sum += v;
             on_scored(p, v);
@@ -459,6 +479,42 @@ impl Detector {
         self.finish(&t)
     }
 
+    /// Test one text scoring only the positions `p` with `mask[p]` true (positions past
+    /// the mask's end are not scored) — entropy-aware detection (SWEET, Lee et al.
+    /// 2023), where the mask keeps the tokens at which an unwatermarked model was
+    /// uncertain enough for the watermark's bias to have changed the choice. Every
+    /// other rule still holds: the first `h` tokens are context, control tokens and
+    /// windows already tested are skipped, repeated (window, token) tuples are scored
+    /// once, common tuples are left out.
+    ///
+    /// **Why the p-value stays exact.** The mask must be a function of the text (and
+    /// of things fixed before it, such as a model), never of the key. Under the null
+    /// the text does not depend on the key, so neither does the set of distinct tuples
+    /// the mask selects: the detector scores a key-independent set of distinct keyed
+    /// inputs, each green with probability exactly γ′ independently — the same
+    /// binomial (Gamma, SynthID) tail as [`Detector::detect`], over fewer tuples. A
+    /// mask chosen by looking at green lists would break this; one chosen by entropy
+    /// does not. A weighted score (weights by entropy) would not have an exact
+    /// binomial tail, which is why the mask is all-or-nothing.
+    pub fn detect_masked(&self, tokens: &[u32], mask: &[bool]) -> Detection {
+        let mut t = Tally::default();
+        self.tally_masked(&mut t, tokens, mask);
+        self.finish(&t)
+    }
+
+    /// [`Detector::detect_corpus`] with one mask per text (see
+    /// [`Detector::detect_masked`]).
+    pub fn detect_corpus_masked<'a>(
+        &self,
+        texts: impl IntoIterator<Item = (&'a [u32], &'a [bool])>,
+    ) -> Detection {
+        let mut t = Tally::default();
+        for (text, mask) in texts {
+            self.tally_masked(&mut t, text, mask);
+        }
+        self.finish(&t)
+    }
+
     /// One test over a whole corpus, deduplicating across texts.
     pub fn detect_corpus<'a>(&self, texts: impl IntoIterator<Item = &'a [u32]>) -> Detection {
         let mut t = Tally::default();
@@ -473,10 +529,26 @@ impl Detector {
     /// length at starts a quarter-length apart, are tested; the best p-value is
     /// Bonferroni-corrected by the number of spans tested, so it stays valid.
     pub fn detect_windowed(&self, tokens: &[u32], min_len: usize) -> WindowedDetection {
+        self.windowed(tokens, None, min_len)
+    }
+
+    /// [`Detector::detect_windowed`] over the positions `mask` keeps (see
+    /// [`Detector::detect_masked`]); spans count scored tuples, so a span is as long
+    /// in evidence as an unmasked one.
+    pub fn detect_windowed_masked(
+        &self,
+        tokens: &[u32],
+        mask: &[bool],
+        min_len: usize,
+    ) -> WindowedDetection {
+        self.windowed(tokens, Some(mask), min_len)
+    }
+
+    fn windowed(&self, tokens: &[u32], mask: Option<&[bool]>, min_len: usize) -> WindowedDetection {
         let mut seen = HashSet::new();
         let mut pos = Vec::new();
         let mut prefix = vec![0.0f64];
-        let common = self.visit(tokens, &mut seen, &HashSet::new(), |p, v| {
+        let common = self.visit(tokens, mask, &mut seen, &HashSet::new(), |p, v| {
             pos.push(p);
             prefix.push(prefix.last().copied().unwrap_or(0.0) + v);
         });
@@ -553,6 +625,19 @@ pub fn detect_multi_key(
     common: Option<&Arc<CommonTuples>>,
     tokens: &[u32],
 ) -> MultiKeyDetection {
+    detect_multi_key_masked(keys, scheme, excluded, common, tokens, None)
+}
+
+/// [`detect_multi_key`] scoring only the positions `mask` keeps (see
+/// [`Detector::detect_masked`]); `None` scores every position.
+pub fn detect_multi_key_masked(
+    keys: &[Arc<WatermarkKey>],
+    scheme: &Scheme,
+    excluded: &ExcludedTokens,
+    common: Option<&Arc<CommonTuples>>,
+    tokens: &[u32],
+    mask: Option<&[bool]>,
+) -> MultiKeyDetection {
     let per_key: Vec<Detection> = keys
         .iter()
         .map(|k| {
@@ -560,7 +645,10 @@ pub fn detect_multi_key(
             if let Some(c) = common {
                 d = d.with_common(c.clone());
             }
-            d.detect(tokens)
+            match mask {
+                Some(m) => d.detect_masked(tokens, m),
+                None => d.detect(tokens),
+            }
         })
         .collect();
     MultiKeyDetection::from_per_key(per_key)

@@ -6,13 +6,16 @@
 //! - [`WatermarkHook`]: embeds a scheme through `isotope_sampling`'s hook — the engine
 //!   and a candle student watermark identically.
 //! - [`Detector`]: exact p-values (binomial / Gamma tails in log space) over
-//!   deduplicated (window, token) tuples; per text, per corpus, best span, several keys.
+//!   deduplicated (window, token) tuples; per text, per corpus, best span, several keys;
+//!   optionally over a key-independent mask of positions ([`entropy`]: entropy-aware
+//!   detection).
 //!
 //! Pure computation: no I/O, no HTTP, no llama.cpp. Reading key files is the caller's
 //! job ([`WatermarkKey::parse_file`] takes their text).
 
 pub mod common;
 mod detect;
+pub mod entropy;
 mod hook;
 mod key;
 mod prf;
@@ -21,9 +24,10 @@ pub mod stats;
 
 pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
-    detect_multi_key, Detection, Detector, MultiKeyDetection, PairOutcome, Tally, WindowSet,
-    WindowedDetection,
+    detect_multi_key, detect_multi_key_masked, Detection, Detector, MultiKeyDetection, PairOutcome,
+    Tally, WindowSet, WindowedDetection,
 };
+pub use entropy::{EntropyMeasure, EntropyRule, EntropyRuleError};
 pub use hook::{ExcludedTokens, WatermarkHook};
 pub use key::{KeyError, WatermarkKey};
 pub use prf::green_threshold;

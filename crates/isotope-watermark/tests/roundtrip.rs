@@ -436,3 +436,150 @@ fn bias_schemes_generate_pinned_tokens() {
 /// Recorded with the original (branchy) bias loop.
 const PINNED: &str =
     "kgw=515e645d873a1203 kgw:gamma=0.5,delta=1.5=1d546a9bd88db00b unigram=2f37982a4d5bc06c";
+
+// ------------------------------------------------ entropy-aware (masked) detection
+
+/// Randomised binomial p-value `P(X > x) + U·P(X = x)` of a KGW detection: exactly
+/// U(0, 1) under the null, so KS can test it.
+fn randomised_kgw_p(d: &isotope_watermark::Detection, gamma: f64, u: f64) -> f64 {
+    let q = isotope_watermark::green_threshold(gamma).1;
+    let n = d.scored_tokens;
+    let k = (d.statistic * n as f64).round() as u64;
+    let ge = stats::ln_binomial_sf(k, n, q).exp();
+    let gt = stats::ln_binomial_sf(k + 1, n, q).exp();
+    gt + u * (ge - gt)
+}
+
+/// A text with many repeated tuples (small alphabet) and a key-independent mask (a
+/// hash of the position's window and token, like an entropy that depends on the text
+/// only): under 3,000 fresh keys the randomised p-values are uniform and FPR at 1e-2
+/// is in its band. With a mask that *looks at the key* (keep a position only if its
+/// token is green) the same check fails — the test has teeth, and the reason the mask
+/// must never depend on the key is visible.
+#[test]
+fn masked_detection_is_exact_for_key_independent_masks_only() {
+    let scheme = Scheme::kgw();
+    let gamma = 0.25;
+    let text: Vec<u32> = (0..300u64).map(|i| (mix(i) % 40) as u32).collect();
+    let mask: Vec<bool> = (0..text.len())
+        .map(|p| {
+            let w = if p >= 4 {
+                &text[p - 4..=p]
+            } else {
+                &text[..=p]
+            };
+            let h = w.iter().fold(17u64, |a, &t| mix(a ^ u64::from(t)));
+            h % 3 != 0
+        })
+        .collect();
+    let keys = 3000u64;
+    let (mut ps, mut below, mut cheat_below) = (Vec::new(), 0u64, 0u64);
+    let mut scored = None;
+    for k in 0..keys {
+        let key = Arc::new(WatermarkKey::from_bytes(*blake3_like(k, 77)));
+        let det = Detector::new(key, scheme.clone(), no_exclusions());
+        let d = det.detect_masked(&text, &mask);
+        // The selected tuples do not depend on the key either.
+        assert_eq!(*scored.get_or_insert(d.scored_tokens), d.scored_tokens);
+        let u = ((mix(k ^ 0xabc) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        ps.push(randomised_kgw_p(&d, gamma, u));
+        below += u64::from(d.p_value <= 1e-2);
+        // Cheating mask: look at the keyed values (score only green tokens, plus
+        // every other red one).
+        let mut greens = vec![false; text.len()];
+        let mut flip = false;
+        det.tally_masked_with(&mut Default::default(), &text, None, |p, v| {
+            greens[p] = v > 0.5 || {
+                flip = !flip;
+                flip
+            };
+        });
+        cheat_below += u64::from(det.detect_masked(&text, &greens).p_value <= 1e-2);
+    }
+    let scored = scored.unwrap();
+    let (_, ks_p) = stats::ks_uniform(&ps);
+    let (lo, hi) = stats::clopper_pearson(below, keys, 1e-3);
+    eprintln!(
+        "masked KGW, {scored} tuples, {keys} fresh keys: KS p = {ks_p:.3}, FPR@1e-2 = {} \
+         [{lo:.4}, {hi:.4}]; key-dependent mask: FPR@1e-2 = {}",
+        below as f64 / keys as f64,
+        cheat_below as f64 / keys as f64
+    );
+    assert!(scored > 50 && scored < 250, "{scored}");
+    assert!(
+        ks_p > 1e-3,
+        "randomised p-values not uniform: KS p = {ks_p}"
+    );
+    assert!(
+        lo <= 1e-2,
+        "FPR@1e-2 = {below}/{keys} above its nominal level"
+    );
+    assert!(
+        cheat_below as f64 / keys as f64 > 0.5,
+        "a key-dependent mask should break validity: {cheat_below}/{keys}"
+    );
+}
+
+/// Entropy-aware detection on text from the synthetic model, with the mask computed
+/// from that model's own next-token entropies (as the CLI does with the real model),
+/// stays within its band for 20 fixed keys.
+#[test]
+fn entropy_masked_detection_is_calibrated_per_fixed_key() {
+    use isotope_watermark::EntropyRule;
+    let prompt = [3u32];
+    let rule = EntropyRule::DEFAULT;
+    let scheme = Scheme::kgw();
+    let mask_of = |text: &[u32]| -> Vec<bool> {
+        (0..text.len())
+            .map(|p| {
+                let mut ctx = prompt.to_vec();
+                ctx.extend_from_slice(&text[..p]);
+                rule.keeps(rule.value(&logits(&ctx), &scheme))
+            })
+            .collect()
+    };
+    let texts: Vec<(Vec<u32>, Vec<bool>)> = (0..200)
+        .map(|i| {
+            let t = generate(60, sampled(5000 + i), 0, None, &prompt);
+            let m = mask_of(&t);
+            (t, m)
+        })
+        .collect();
+    for k in 0..20u8 {
+        let det = Detector::new(key(150 + k), scheme.clone(), no_exclusions());
+        let alarms = texts
+            .iter()
+            .filter(|(t, m)| det.detect_masked(t, m).p_value < 0.01)
+            .count();
+        // P(Binomial(200, 0.01) ≥ 10) ≈ 5e-5.
+        assert!(alarms <= 9, "key {k}: {alarms}/200 below 0.01");
+    }
+}
+
+proptest::proptest! {
+    /// Whatever the mask, masked detection scores exactly the distinct (window, token)
+    /// tuples at kept positions ≥ h, each once — the rules of unmasked detection hold
+    /// on the selected positions — and an all-true mask is unmasked detection.
+    #[test]
+    fn prop_mask_selects_distinct_kept_tuples(
+        text in proptest::collection::vec(0u32..12, 0..120),
+        mask in proptest::collection::vec(proptest::bool::ANY, 0..130),
+        k in 0u8..255,
+    ) {
+        let scheme = Scheme::kgw();
+        let h = scheme.context();
+        let det = Detector::new(key(k), scheme, no_exclusions());
+        let mut positions = Vec::new();
+        det.tally_masked_with(&mut Default::default(), &text, Some(&mask), |p, _| positions.push(p));
+        let mut seen = std::collections::HashSet::new();
+        let expected: Vec<usize> = (h..text.len())
+            .filter(|&p| mask.get(p).copied().unwrap_or(false))
+            .filter(|&p| seen.insert((text[p - h..p].to_vec(), text[p])))
+            .collect();
+        proptest::prop_assert_eq!(&positions, &expected);
+        let d = det.detect_masked(&text, &mask);
+        proptest::prop_assert_eq!(d.scored_tokens as usize, expected.len());
+        let all = vec![true; text.len()];
+        proptest::prop_assert_eq!(det.detect_masked(&text, &all), det.detect(&text));
+    }
+}

@@ -242,6 +242,19 @@ struct WatermarkArgs {
     /// Skip the perplexity measurement (one scoring pass per response).
     #[arg(long)]
     no_quality: bool,
+    /// Also show entropy-aware detection (SWEET) beside the plain detector: the model
+    /// re-reads every response and only tokens at which it was uncertain are scored.
+    #[arg(long)]
+    entropy_aware: bool,
+    /// Entropy rules shown with --entropy-aware (comma-separated, `shannon:NATS` or
+    /// `spike:S`; default: isotope's fixed rule). Several rules are for tuning only:
+    /// pick one on prompts the evaluation does not use (--prompt-skip).
+    #[arg(long, value_delimiter = ',')]
+    entropy_rules: Vec<String>,
+    /// Skip the first N prompts of the seeded sample (half of each kind), e.g. to tune
+    /// on prompts disjoint from an evaluation run with the same seed.
+    #[arg(long, default_value_t = 0)]
+    prompt_skip: usize,
     /// Data directory (prompts and human text).
     #[arg(long, env = "ISOTOPE_DATA")]
     data: Option<PathBuf>,
@@ -290,6 +303,11 @@ fn watermark(a: WatermarkArgs) -> Result<()> {
         Some(p) => crate::watermark::load_key(p)?,
         None => Arc::new(WatermarkKey::generate()?),
     };
+    let entropy_rules = if a.entropy_aware || !a.entropy_rules.is_empty() {
+        crate::watermark::parse_entropy_rules(&a.entropy_rules)?
+    } else {
+        Vec::new()
+    };
     let model = crate::generate::load_model(&a.model)?;
     let texts = load_human_texts(a.data.clone().unwrap_or_else(default_data_dir))?;
     let common = crate::watermark::common_list(&model, None, a.no_common_filter)?;
@@ -305,6 +323,8 @@ fn watermark(a: WatermarkArgs) -> Result<()> {
         robust_tokens: a.robust_tokens,
         common,
         quality: !a.no_quality,
+        entropy_rules,
+        prompt_skip: a.prompt_skip,
         ..PowerOptions::default()
     };
     let bar = ProgressBar::new(0);

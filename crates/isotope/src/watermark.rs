@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use isotope_engine::{LoadOptions, Model};
 use isotope_watermark::{
-    detect_multi_key, CommonTuples, Detector, ExcludedTokens, Scheme, WatermarkKey,
+    detect_multi_key_masked, CommonTuples, Detector, EntropyRule, ExcludedTokens, Scheme,
+    WatermarkKey,
 };
 use serde_json::json;
 
@@ -41,6 +42,18 @@ pub fn common_list(
             .context("pass --common-tuples FILE built for this model, or --no-common-filter")?,
     };
     Ok(Some(Arc::new(list)))
+}
+
+/// Parse entropy rules (`shannon:0.6`, `spike:0.8`); none given is isotope's default.
+pub fn parse_entropy_rules(specs: &[String]) -> Result<Vec<EntropyRule>> {
+    if specs.iter().all(|s| s.trim().is_empty()) {
+        return Ok(vec![EntropyRule::DEFAULT]);
+    }
+    specs
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Ok(s.parse::<EntropyRule>()?))
+        .collect()
 }
 
 /// The control-token mask of a model, shared by hooks and detectors.
@@ -132,6 +145,17 @@ pub struct DetectArgs {
     no_common_filter: bool,
     #[command(flatten)]
     model: ModelArgs,
+    /// Entropy-aware detection (SWEET): load the model's weights (--model), let it
+    /// re-read the text and score only tokens at which it was uncertain (next-token
+    /// entropy at or above --entropy-rule). Low-entropy tokens cannot carry the
+    /// watermark and only dilute the test; the p-value stays exact because which tokens
+    /// are scored depends on the text and the model, never on the key.
+    #[arg(long)]
+    entropy_aware: bool,
+    /// The rule of --entropy-aware: `shannon:NATS` or `spike:S` (default: isotope's
+    /// fixed rule, spike:0.5). Fix it before looking at the text.
+    #[arg(long, requires = "entropy_aware")]
+    entropy_rule: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -155,18 +179,41 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("no text on stdin: pipe the text to test into `isotope detect`");
     }
+    let rule = match (&a.entropy_rule, a.entropy_aware) {
+        (Some(r), _) => Some(r.parse::<EntropyRule>()?),
+        (None, true) => Some(EntropyRule::DEFAULT),
+        (None, false) => None,
+    };
     crate::generate::check_model_present(&a.model)?;
     let model = Model::load(
         &a.model.model,
         &LoadOptions {
-            vocab_only: true,
+            // The entropy pass needs the weights; plain detection only the tokenizer.
+            vocab_only: rule.is_none(),
             ..LoadOptions::default()
         },
-    )?;
+    )
+    .with_context(|| format!("cannot load the model {}", a.model.model.display()))?;
     let tokens = model.tokenize(&text, false, false);
     let excluded = excluded(&model);
     let common = common_list(&model, a.common_tuples.as_deref(), a.no_common_filter)?;
-    let multi = detect_multi_key(&keys, &scheme, &excluded, common.as_ref(), &tokens);
+    let started = std::time::Instant::now();
+    let mask = match &rule {
+        Some(r) => Some(
+            isotope_eval::entropy_mask(&model, &tokens, r, &scheme, a.model.threads)
+                .context("entropy-aware detection: the model pass over the text failed")?,
+        ),
+        None => None,
+    };
+    let model_seconds = started.elapsed().as_secs_f64();
+    let multi = detect_multi_key_masked(
+        &keys,
+        &scheme,
+        &excluded,
+        common.as_ref(),
+        &tokens,
+        mask.as_deref(),
+    );
     let mut report = json!({
         "scheme": scheme.to_string(),
         "p_value": multi.p_value,
@@ -177,6 +224,13 @@ pub fn detect(a: DetectArgs) -> Result<()> {
         "common_filter": common.is_some(),
         "common_excluded": multi.per_key.iter().map(|d| d.common_excluded).max().unwrap_or(0),
     });
+    if let (Some(r), Some(m)) = (&rule, &mask) {
+        let h = scheme.context().min(m.len());
+        report["entropy_aware"] = json!(true);
+        report["entropy_rule"] = json!(r.to_string());
+        report["entropy_kept"] = json!(m[h..].iter().filter(|&&k| k).count());
+        report["entropy_model_seconds"] = json!(model_seconds);
+    }
     if keys.len() == 1 {
         report["statistic"] = json!(multi.per_key[0].statistic);
     } else {
@@ -188,11 +242,14 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             .find(|k| k.id() == multi.best_key_id)
             .unwrap_or(&keys[0]);
         let d = Detector::new(best_key.clone(), scheme.clone(), excluded);
-        match &common {
+        let d = match &common {
             Some(c) => d.with_common(c.clone()),
             None => d,
+        };
+        match &mask {
+            Some(m) => d.detect_windowed_masked(&tokens, m, a.min_span),
+            None => d.detect_windowed(&tokens, a.min_span),
         }
-        .detect_windowed(&tokens, a.min_span)
     });
     if let Some(w) = &windowed {
         report["windowed"] = json!({
@@ -221,6 +278,15 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             report["common_excluded"],
             scheme
         );
+        if let Some(r) = &rule {
+            println!(
+                "entropy-aware ({r}): {} of {} tokens at or above the threshold were \
+                 candidates (model pass {:.2} s)",
+                report["entropy_kept"],
+                tokens.len().saturating_sub(scheme.context()),
+                model_seconds
+            );
+        }
         if let Some(w) = &windowed {
             println!(
                 "best span: tokens {}..{}, p = {:.3e} after testing {} spans",

@@ -307,3 +307,57 @@ fn detect_reports_the_common_tuple_filter_and_it_can_be_turned_off() {
         assert!(p > 0.0 && p <= 1.0, "{d}");
     }
 }
+
+#[test]
+fn detect_entropy_aware_adds_fields_and_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixed_key(dir.path(), 0x5e);
+    let text = "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute. Working 50 minutes, she \
+                earned 0.2 x 50 = $<<0.2*50=10>>10. The lighthouse keeper watched the storm \
+                roll in over the grey water, wondering whether the supply boat would come.";
+    let detect_with = |extra: &[&str]| -> (i32, String, String) {
+        let mut cmd = isotope();
+        cmd.args(["detect", "--model", &model(), "--threads", "1", "--json"])
+            .arg("--watermark-key")
+            .arg(&key)
+            .args(extra)
+            .write_stdin(text);
+        run(&mut cmd)
+    };
+    let parse = |(code, stdout, stderr): (i32, String, String)| -> Value {
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let plain = parse(detect_with(&[]));
+    let aware = parse(detect_with(&["--entropy-aware"]));
+    for d in [&plain, &aware] {
+        let p = d["p_value"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{d}");
+        assert!(
+            d["scheme"].is_string() && d["scored_tokens"].is_u64(),
+            "{d}"
+        );
+    }
+    assert!(plain.get("entropy_aware").is_none(), "{plain}");
+    assert_eq!(aware["entropy_aware"], Value::Bool(true), "{aware}");
+    assert_eq!(aware["entropy_rule"], "spike:0.5", "{aware}");
+    // The mask only removes positions: never more tuples than the plain test.
+    let kept = aware["entropy_kept"].as_u64().unwrap();
+    let scored = aware["scored_tokens"].as_u64().unwrap();
+    assert!(scored <= kept, "{aware}");
+    assert!(
+        scored < plain["scored_tokens"].as_u64().unwrap(),
+        "{aware} {plain}"
+    );
+    // A stricter rule keeps fewer.
+    let strict = parse(detect_with(&[
+        "--entropy-aware",
+        "--entropy-rule",
+        "shannon:3",
+    ]));
+    assert!(strict["entropy_kept"].as_u64().unwrap() < kept, "{strict}");
+    // Bad rules are clear errors.
+    let (code, _, stderr) = detect_with(&["--entropy-aware", "--entropy-rule", "spike:7"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("bad entropy rule"), "{stderr}");
+}

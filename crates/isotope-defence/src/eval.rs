@@ -29,7 +29,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use isotope_distill::{train, Dataset, Example, Student, StudentTokenizer, TrainConfig};
+use isotope_distill::{
+    argmax, kl_top_tail, log_softmax_row, train, Dataset, Example, Student, StudentTokenizer,
+    TrainConfig,
+};
 use isotope_engine::{BatchConfig, Batcher, ChatMessage, Event, GenerationRequest, Model};
 use isotope_sampling::{Sampler, SamplingParams, TokenId};
 use serde::Serialize;
@@ -69,8 +72,10 @@ pub struct DefencePoint {
     /// The student's perplexity on held-out undefended teacher answers.
     pub student_ppl: f64,
     /// Mean KL(teacher ‖ student) per held-out answer position (nats), over the
-    /// teacher's top-[`KL_TOP_K`] tokens plus one bucket for the rest: a lower bound on
-    /// the full KL (merging outcomes never raises a divergence).
+    /// teacher's top-[`KL_TOP_K`] tokens plus one bucket for the rest
+    /// ([`isotope_distill::kl_top_tail`], the definition `distill eval` and the `kl`
+    /// loss use): a lower bound on the full KL (merging outcomes never raises a
+    /// divergence).
     pub student_kl: f64,
     /// Share of held-out positions where the student's most likely token is the
     /// teacher's.
@@ -256,33 +261,6 @@ fn teacher_reference(
         .collect()
 }
 
-/// KL(p ‖ q) between a teacher's top-k (log-probs `top`, plus the rest of its mass as
-/// one outcome) and a student's full log-softmax `q` coarsened the same way.
-pub fn kl_top_k(top: &[(TokenId, f32)], q: &[f32]) -> f64 {
-    let mut kl = 0.0;
-    let (mut p_in, mut q_in) = (0.0f64, 0.0f64);
-    for &(t, lp) in top {
-        let lp = f64::from(lp);
-        let lq = f64::from(q[t as usize]);
-        let p = lp.exp();
-        kl += p * (lp - lq);
-        p_in += p;
-        q_in += lq.exp();
-    }
-    let (p_out, q_out) = ((1.0 - p_in).max(0.0), (1.0 - q_in).max(1e-12));
-    if p_out > 1e-12 {
-        kl += p_out * (p_out.ln() - q_out.ln());
-    }
-    kl.max(0.0)
-}
-
-/// Log-softmax of one row of logits.
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-    row.iter().map(|&x| x - lse).collect()
-}
-
 /// A student on held-out answers: mean NLL of the answer tokens, mean KL from the
 /// teacher's distribution and the share of positions where its first choice is the
 /// teacher's.
@@ -302,16 +280,11 @@ fn student_quality(
         // p.len() - 1 .. ids.len() - 1
         let logits = student.logits(&ids[..ids.len() - 1])?;
         for (k, row) in logits[p.len() - 1..].iter().enumerate() {
-            let lq = log_softmax(row);
-            nll -= f64::from(lq[a[k] as usize]);
+            let lq = log_softmax_row(row);
+            nll -= lq[a[k] as usize];
             if let Some(top) = r.get(k) {
-                kl += kl_top_k(top, &lq);
-                let student_best = lq
-                    .iter()
-                    .enumerate()
-                    .max_by(|x, y| x.1.total_cmp(y.1))
-                    .map(|(i, _)| i as TokenId);
-                top1 += usize::from(top.first().map(|t| t.0) == student_best);
+                kl += kl_top_tail(top, &lq);
+                top1 += usize::from(top.first().map(|t| t.0) == Some(argmax(row)));
             }
             n += 1;
         }
@@ -502,19 +475,15 @@ mod tests {
 
     #[test]
     fn kl_is_zero_for_the_same_distribution_and_positive_otherwise() {
-        let q = log_softmax(&[2.0, 1.0, 0.5, -1.0, 0.0]);
-        let top: Vec<(TokenId, f32)> = vec![(0, q[0]), (1, q[1])];
-        assert!(kl_top_k(&top, &q).abs() < 1e-6);
-        let other = log_softmax(&[0.0, 2.0, 0.5, -1.0, 0.0]);
-        let kl = kl_top_k(&top, &other);
+        let q = log_softmax_row(&[2.0, 1.0, 0.5, -1.0, 0.0]);
+        let top: Vec<(TokenId, f32)> = vec![(0, q[0] as f32), (1, q[1] as f32)];
+        assert!(kl_top_tail(&top, &q).abs() < 1e-6);
+        let other = log_softmax_row(&[0.0, 2.0, 0.5, -1.0, 0.0]);
+        let kl = kl_top_tail(&top, &other);
         assert!(kl > 0.1, "{kl}");
         // a lower bound on the full KL
-        let full: f64 = q
-            .iter()
-            .zip(&other)
-            .map(|(&p, &o)| f64::from(p).exp() * f64::from(p - o))
-            .sum();
-        assert!(kl <= full + 1e-6, "{kl} > {full}"); // f32 log-softmax
+        let full: f64 = q.iter().zip(&other).map(|(&p, &o)| p.exp() * (p - o)).sum();
+        assert!(kl <= full + 1e-6, "{kl} > {full}"); // teacher log-probs are f32
     }
 
     #[test]

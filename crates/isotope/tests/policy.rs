@@ -14,7 +14,8 @@ use std::time::Duration;
 use common::{isotope, model, run_ok, start, workspace, Server};
 use serde_json::{json, Value};
 
-fn post(server: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
+/// POST `body` to `path` with `key`; the status and the body as text.
+fn send(server: &Server, key: &str, path: &str, body: Value) -> (u16, String) {
     let url = format!("http://{}{path}", server.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -30,29 +31,19 @@ fn post(server: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
             .await
             .unwrap();
         let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        (status, resp.text().await.unwrap())
     })
+}
+
+fn post(server: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = send(server, key, path, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// The concatenated `choices[0].text` of a streamed completion (ends at `[DONE]`).
 fn sse_text(server: &Server, key: &str, body: Value) -> String {
-    let url = format!("http://{}/v1/completions", server.addr);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let raw = rt.block_on(async move {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(key)
-            .timeout(Duration::from_secs(300))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        resp.text().await.unwrap()
-    });
+    let (status, raw) = send(server, key, "/v1/completions", body);
+    assert_eq!(status, 200, "{raw}");
     assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
     raw.lines()
         .filter_map(|l| l.strip_prefix("data: "))

@@ -56,6 +56,9 @@ pub enum DistillError {
     /// or the output file belongs to other prompts.
     #[error("harvest: {0}")]
     Harvest(String),
+    /// The local teacher (on-policy distillation) failed to score a sequence.
+    #[error("teacher: {0}")]
+    Teacher(String),
     /// Drawing the loss curve failed.
     #[error("drawing `{path}`: {message}")]
     Plot { path: PathBuf, message: String },

@@ -47,6 +47,7 @@ mod model;
 mod ops;
 mod optim;
 mod plot;
+mod teacher;
 mod tokenizer;
 mod train;
 
@@ -65,8 +66,9 @@ pub use model::{KvCache, Student, CONFIG_FILE, WEIGHTS_FILE};
 pub use ops::log_softmax_last;
 pub use optim::{clip_scale, grad_norm, lr_at, AdamW, AdamWParams};
 pub use plot::loss_png;
+pub use teacher::{OnPolicy, Teacher, TeacherError};
 pub use tokenizer::{chatml_prompt, StudentTokenizer, CHATML_END, TOKENIZER_FILE};
 pub use train::{
-    measure_tokens_per_sec, read_train_log, train, LogEntry, Progress, TrainConfig, TrainReport,
-    CHECKPOINT_DIR, LOG_FILE, LOSS_PNG, STATE_FILE,
+    measure_tokens_per_sec, read_train_log, train, train_with_teacher, LogEntry, Progress,
+    TrainConfig, TrainReport, CHECKPOINT_DIR, LOG_FILE, LOSS_PNG, STATE_FILE,
 };

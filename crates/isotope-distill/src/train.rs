@@ -25,6 +25,7 @@ use crate::loss::{cross_entropy_sum, kd_sum, LossKind, TeacherTargets, TopK};
 use crate::model::Student;
 use crate::optim::{clip_scale, grad_norm, lr_at, AdamW, AdamWParams};
 use crate::plot::loss_png;
+use crate::teacher::{self, OnPolicy, Scored, Teacher};
 use crate::tokenizer::{StudentTokenizer, TOKENIZER_FILE};
 
 /// Training log, one JSON object per step.
@@ -67,6 +68,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Continue from `OUT/checkpoint` if one is there.
     pub resume: bool,
+    /// On-policy distillation (GKD): a share of the steps train on the student's own
+    /// samples, scored by the teacher given to [`train_with_teacher`]. Needs a
+    /// token-level loss (`kl`, `rkl` or `jsd`).
+    pub on_policy: Option<OnPolicy>,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +92,7 @@ impl Default for TrainConfig {
             stop_after: None,
             checkpoint_every: 200,
             resume: true,
+            on_policy: None,
         }
     }
 }
@@ -108,6 +114,15 @@ impl TrainConfig {
         }
         if self.loss.needs_top_logprobs() && self.top_k == 0 {
             return bad("top_k must be positive for kl, rkl and jsd");
+        }
+        if let Some(op) = &self.on_policy {
+            op.validate()?;
+            if !self.loss.needs_top_logprobs() {
+                return bad(
+                    "on-policy distillation needs a token-level loss (kl, rkl or jsd): \
+                     cross-entropy on the student's own samples teaches it nothing",
+                );
+            }
         }
         Ok(())
     }
@@ -139,6 +154,9 @@ pub struct LogEntry {
     pub tokens: usize,
     /// Training throughput of this run so far.
     pub tokens_per_sec: f64,
+    /// The batch was the student's own samples, scored by the teacher.
+    #[serde(default)]
+    pub on_policy: bool,
 }
 
 /// The outcome of [`train`]; the CLI's `--json` prints it.
@@ -170,6 +188,11 @@ pub struct TrainReport {
     pub examples_skipped: usize,
     /// Tokens trained in this invocation.
     pub tokens: u64,
+    /// Steps (in this invocation) that trained on the student's own samples.
+    pub on_policy_steps: usize,
+    /// Harvest sequences without top-k log-probs that the teacher scored (in this
+    /// invocation; counted once per use).
+    pub teacher_scored: usize,
     pub out_dir: PathBuf,
 }
 
@@ -188,6 +211,11 @@ struct TrainState {
     loss: LossKind,
     top_k: usize,
     student: StudentConfig,
+    #[serde(default)]
+    on_policy: Option<OnPolicy>,
+    /// A teacher scored the harvest's text-only sequences.
+    #[serde(default)]
+    teacher: bool,
 }
 
 /// One example cut to `seq_len`: inputs, and (position, target, teacher) per trained
@@ -367,7 +395,34 @@ pub fn train(
     out_dir: &Path,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainReport> {
+    train_with_teacher(student, data, tokenizer, cfg, None, out_dir, progress)
+}
+
+/// [`train`] with a local teacher: with `cfg.on_policy`, a share of the steps train on
+/// the student's own continuations of the batch's prompts, scored by `teacher` (GKD);
+/// and with a token-level loss, harvest sequences that came without top-k log-probs
+/// are scored by `teacher` instead of falling back to cross-entropy. The student stops
+/// sampling at the tokenizer's `<|im_end|>` when a tokenizer is given.
+pub fn train_with_teacher(
+    student: &Student,
+    data: &Dataset,
+    tokenizer: Option<&StudentTokenizer>,
+    cfg: &TrainConfig,
+    mut teacher: Option<&mut dyn Teacher>,
+    out_dir: &Path,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainReport> {
     cfg.validate()?;
+    if cfg.on_policy.is_some() && teacher.is_none() {
+        return Err(DistillError::Config(
+            "on-policy distillation needs a local teacher to score the student's samples".into(),
+        ));
+    }
+    let end_ids: Vec<TokenId> = tokenizer
+        .and_then(|t| t.token_id(crate::tokenizer::CHATML_END))
+        .into_iter()
+        .collect();
+    let score_harvest = teacher.is_some() && cfg.loss.needs_top_logprobs();
     let seq_len = cfg.seq_len.min(student.config().max_seq_len);
     let seqs = sequences(data, seq_len);
     if seqs.is_empty() {
@@ -398,6 +453,8 @@ pub fn train(
         loss: cfg.loss,
         top_k: cfg.top_k,
         student: student.config().clone(),
+        on_policy: cfg.on_policy.clone(),
+        teacher: score_harvest,
     };
     let mut opt = AdamW::new(student.vars(), cfg.adamw.clone())?;
     let log_path = out_dir.join(LOG_FILE);
@@ -431,6 +488,9 @@ pub fn train(
         if saved.student != state.student {
             return Err(mismatch("student architecture"));
         }
+        if saved.on_policy != state.on_policy || saved.teacher != state.teacher {
+            return Err(mismatch("on-policy setting or teacher"));
+        }
         student.load_weights(&ckpt.join(crate::model::WEIGHTS_FILE))?;
         opt.load(&ckpt.join(OPTIMIZER_FILE), saved.step)?;
         state = saved;
@@ -454,6 +514,7 @@ pub fn train(
     let stop = cfg.stop_after.unwrap_or(usize::MAX).min(total);
     let started = Instant::now();
     let mut tokens_run: u64 = 0;
+    let (mut on_policy_steps, mut teacher_scored) = (0usize, 0usize);
     let mut order: Option<(usize, Vec<usize>)> = None;
     while state.step < stop {
         let epoch = state.step / per_epoch;
@@ -468,7 +529,63 @@ pub fn train(
             .map(|&i| &seqs[i])
             .collect();
         let lr = lr_at(state.step, total, warmup, cfg.lr, cfg.min_lr_ratio);
-        let (loss, tokens) = batch_loss(student, &batch, cfg)?;
+        let on_policy = cfg
+            .on_policy
+            .as_ref()
+            .is_some_and(|op| op.is_on_policy_step(cfg.seed, state.step));
+        // Sequences the teacher scored this step, and the batch rebuilt over them.
+        let mut scored: Vec<Option<Scored>> = Vec::new();
+        if let Some(t) = teacher.as_deref_mut() {
+            for (row, s) in batch.iter().enumerate() {
+                let prompt_len = s.targets[0].0 + 1;
+                let job = if on_policy {
+                    let op = cfg.on_policy.as_ref().expect("on_policy is set");
+                    let prompt = &s.inputs[..prompt_len];
+                    let stream = (cfg.seed ^ ((state.step as u64) << 24), row as u64);
+                    let gen = teacher::sample(student, prompt, op, &end_ids, stream, seq_len + 1)?;
+                    (!gen.is_empty()).then(|| [prompt, &gen[..]].concat())
+                } else if score_harvest && s.targets.iter().any(|t| t.2.is_none()) {
+                    teacher_scored += 1;
+                    let last = s.targets.last().expect("non-empty").1;
+                    Some([s.inputs, &[last][..]].concat())
+                } else {
+                    None
+                };
+                scored.push(match job {
+                    Some(tokens) => Some(teacher::score(t, tokens, prompt_len, cfg.top_k)?),
+                    None => None,
+                });
+            }
+        }
+        let any_scored = scored.iter().any(Option::is_some);
+        let rebuilt: Vec<Sequence<'_>> = batch
+            .iter()
+            .zip(&scored)
+            .filter(|_| any_scored)
+            .filter_map(|(s, sc)| match sc {
+                Some(sc) => Some(Sequence {
+                    inputs: &sc.tokens[..sc.tokens.len() - 1],
+                    targets: (sc.prompt_len - 1..sc.tokens.len() - 1)
+                        .map(|j| (j, sc.tokens[j + 1], Some(&sc.top[j])))
+                        .collect(),
+                }),
+                // An on-policy step trains on samples only.
+                None if on_policy => None,
+                None => Some(Sequence {
+                    inputs: s.inputs,
+                    targets: s.targets.clone(),
+                }),
+            })
+            .collect();
+        // Every sample empty (the student ended at once): train on the harvest batch.
+        let on_policy = on_policy && any_scored;
+        let step_batch: Vec<&Sequence<'_>> = if any_scored {
+            rebuilt.iter().collect()
+        } else {
+            batch
+        };
+        on_policy_steps += usize::from(on_policy);
+        let (loss, tokens) = batch_loss(student, &step_batch, cfg)?;
         let loss_value = loss
             .to_dtype(candle_core::DType::F64)
             .and_then(|l| l.to_scalar::<f64>())
@@ -495,6 +612,7 @@ pub fn train(
             grad_norm: norm,
             tokens,
             tokens_per_sec: tps,
+            on_policy,
         };
         writeln!(
             log_file,
@@ -551,6 +669,8 @@ pub fn train(
         examples_with_top_logprobs: data.with_top_logprobs(),
         examples_skipped: data.examples.len() - n,
         tokens: tokens_run,
+        on_policy_steps,
+        teacher_scored,
         out_dir: out_dir.to_path_buf(),
     })
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use isotope_distill::*;
 use isotope_engine::{LoadOptions, Model};
+use isotope_sampling::Sampler;
 
 fn teacher_gguf() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -14,6 +15,19 @@ fn teacher_gguf() -> PathBuf {
 const TEXT: &str = "The water cycle describes how water evaporates from the surface of the earth, \
 rises into the atmosphere, cools and condenses into clouds, and falls again as rain or snow. \
 In 2023, about 1,234 mm of rain fell here — twice the usual amount!\n\nQ: Why?\nA: Nobody knows.";
+
+/// A ~3.2M-parameter student with SmolLM2's vocabulary (most of it the embedding).
+fn mini_student(seed: u64) -> Student {
+    let cfg = StudentConfig {
+        hidden_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 128,
+        ..StudentConfig::tiny()
+    };
+    Student::new(cfg, seed, &Device::Cpu, DType::F32).unwrap()
+}
 
 fn mean_nll(lp: &[f32]) -> f64 {
     -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64
@@ -162,20 +176,7 @@ fn kd_on_teacher_top_logprobs_reduces_kl() {
     let data = parse_jsonl(&lines.join("\n"), Some(&tok), &DataOptions::default());
     assert!(data.warnings.is_empty(), "{:?}", data.warnings);
     assert_eq!(data.with_top_logprobs(), 6);
-    let student = Student::new(
-        StudentConfig {
-            hidden_size: 64,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            intermediate_size: 128,
-            ..StudentConfig::tiny()
-        },
-        9,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let student = mini_student(9);
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         loss: LossKind::Kl,
@@ -199,4 +200,112 @@ fn kd_on_teacher_top_logprobs_reduces_kl() {
         r.first_loss,
         r.final_loss
     );
+}
+
+/// SmolLM2 through llama.cpp as the trainer's [`Teacher`].
+struct LlamaTeacher(Model);
+
+impl Teacher for LlamaTeacher {
+    fn top_k(&mut self, tokens: &[u32], k: usize) -> Result<Vec<TopK>, TeacherError> {
+        Ok(self
+            .0
+            .score(tokens, k, None)?
+            .into_iter()
+            .map(|s| TopK {
+                ids: s.top.iter().map(|t| t.0).collect(),
+                logprobs: s.top.iter().map(|t| t.1).collect(),
+            })
+            .collect())
+    }
+}
+
+/// Mean KL(teacher ‖ student) (top-5 + tail) over the student's own sampled
+/// continuations of `prompts` — the quantity on-policy distillation minimises.
+fn on_policy_kl(student: &Student, model: &Model, prompts: &[Vec<u32>]) -> f64 {
+    let (mut kl, mut n) = (0.0, 0usize);
+    for (i, p) in prompts.iter().enumerate() {
+        let mut sampler = Sampler::new(
+            isotope_sampling::SamplingParams {
+                seed: 21,
+                ..Default::default()
+            },
+            i as u64,
+        );
+        let out = student.generate(p, &mut sampler, 16, &[]).unwrap();
+        let full: Vec<u32> = p.iter().chain(&out).copied().collect();
+        let t = model.score(&full, 5, None).unwrap();
+        let logits = student.logits(&full[..full.len() - 1]).unwrap();
+        for j in p.len() - 1..full.len() - 1 {
+            kl += kl_top_tail(&t[j].top, &log_softmax_row(&logits[j]));
+            n += 1;
+        }
+    }
+    kl / n as f64
+}
+
+/// On-policy distillation against the real teacher: the student samples, llama.cpp
+/// scores its samples, and the KL to the teacher on the student's *own* samples falls.
+/// The harvest here is text only, so its steps are teacher-scored too.
+#[test]
+fn on_policy_kd_with_llama_cpp_teacher_reduces_kl_on_own_samples() {
+    let model = Model::load(teacher_gguf(), &LoadOptions::default()).unwrap();
+    let tok = StudentTokenizer::from_gguf(&teacher_gguf()).unwrap();
+    let gsm = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gsm8k/train.jsonl"),
+    )
+    .unwrap();
+    let lines: Vec<String> = gsm
+        .lines()
+        .take(6)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"prompt": v["question"], "response": v["answer"]}).to_string()
+        })
+        .collect();
+    let data = parse_jsonl(&lines.join("\n"), Some(&tok), &DataOptions::default());
+    assert_eq!(data.with_top_logprobs(), 0);
+    let prompts: Vec<Vec<u32>> = data
+        .examples
+        .iter()
+        .map(|e| e.tokens[..e.prompt_len].to_vec())
+        .collect();
+    let student = mini_student(9);
+    let before = on_policy_kl(&student, &model, &prompts);
+    let cfg = TrainConfig {
+        loss: LossKind::Kl,
+        top_k: 5,
+        epochs: 10,
+        batch_size: 3,
+        seq_len: 160,
+        lr: 5e-3,
+        checkpoint_every: 0,
+        on_policy: Some(OnPolicy {
+            fraction: 0.5,
+            max_new_tokens: 16,
+            temperature: 1.0,
+        }),
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut teacher = LlamaTeacher(model);
+    let r = train_with_teacher(
+        &student,
+        &data,
+        Some(&tok),
+        &cfg,
+        Some(&mut teacher),
+        dir.path(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = on_policy_kl(&student, &teacher.0, &prompts);
+    eprintln!(
+        "on-policy KD with the llama.cpp teacher: KL on own samples {before:.3} → {after:.3} \
+         ({} steps, {} on-policy, {} harvest sequences teacher-scored, {:.0} tokens/s)",
+        r.steps, r.on_policy_steps, r.teacher_scored, r.tokens_per_sec
+    );
+    assert_eq!(r.steps, 20);
+    assert!(r.on_policy_steps > 0 && r.on_policy_steps < 20);
+    assert!(r.teacher_scored > 0);
+    assert!(after < 0.8 * before, "{before} → {after}");
 }

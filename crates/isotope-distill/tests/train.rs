@@ -261,19 +261,7 @@ fn resume_from_checkpoint_matches_uninterrupted_run() {
     assert!(r2.finished);
     assert_eq!(r2.first_loss, r.first_loss);
     assert_eq!(read_train_log(&out_b).unwrap().len(), 9);
-    let mut worst = 0f32;
-    for (name, v) in straight.vars() {
-        let a: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = fresh.vars()[name]
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (x, y) in a.iter().zip(&b) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let worst = max_param_diff(&straight, &fresh);
     eprintln!("resume: max |Δparam| = {worst:e}");
     assert!(worst < 1e-5, "max difference {worst}");
 
@@ -284,6 +272,20 @@ fn resume_from_checkpoint_matches_uninterrupted_run() {
         train(&again, &other, None, &tcfg, &out_b, &mut |_| {}),
         Err(DistillError::Resume { .. })
     ));
+}
+
+/// Largest absolute difference between the same parameter of two students.
+fn max_param_diff(a: &Student, b: &Student) -> f32 {
+    let flat = |v: &candle_core::Var| -> Vec<f32> {
+        v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    a.vars()
+        .iter()
+        .flat_map(|(name, v)| {
+            let (x, y) = (flat(v), flat(&b.vars()[name]));
+            x.into_iter().zip(y).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0f32, f32::max)
 }
 
 fn mini_config_v(vocab: usize) -> StudentConfig {
@@ -411,4 +413,226 @@ fn throughput_measurement_runs() {
     let tps = measure_tokens_per_sec(mini_config(), 2, 32, 2).unwrap();
     eprintln!("mini config training throughput: {tps:.0} tokens/s");
     assert!(tps > 0.0);
+}
+
+/// A synthetic teacher for on-policy training: after token `t` it puts 0.9 on
+/// `rule(t)` and 0.05 on `t` — a bigram the student can only learn on its own
+/// samples when the data never shows it. Counts its calls.
+struct BigramTeacher {
+    vocab: u32,
+    calls: usize,
+}
+
+impl BigramTeacher {
+    fn rule(&self, t: u32) -> u32 {
+        (t * 5 + 1) % self.vocab
+    }
+}
+
+impl Teacher for BigramTeacher {
+    fn top_k(&mut self, tokens: &[u32], _k: usize) -> Result<Vec<TopK>, TeacherError> {
+        self.calls += 1;
+        Ok(tokens[..tokens.len() - 1]
+            .iter()
+            .map(|&t| TopK {
+                ids: vec![self.rule(t), t],
+                logprobs: vec![0.9f32.ln(), 0.05f32.ln()],
+            })
+            .collect())
+    }
+}
+
+/// Share of the student's sampled continuations of the data's prompts that follow the
+/// teacher's bigram rule.
+fn follows_rule(student: &Student, data: &Dataset, teacher: &BigramTeacher) -> f64 {
+    let (mut hits, mut n) = (0usize, 0usize);
+    for (i, ex) in data.examples.iter().enumerate() {
+        let prompt = &ex.tokens[..ex.prompt_len];
+        let mut sampler = Sampler::new(
+            SamplingParams {
+                seed: 5,
+                ..SamplingParams::default()
+            },
+            i as u64,
+        );
+        let out = student.generate(prompt, &mut sampler, 12, &[]).unwrap();
+        let mut prev = *prompt.last().unwrap();
+        for &t in &out {
+            hits += usize::from(t == teacher.rule(prev));
+            n += 1;
+            prev = t;
+        }
+    }
+    hits as f64 / n as f64
+}
+
+/// On-policy distillation (GKD): with every step on-policy the harvest's responses
+/// (which never follow the rule) are not trained on at all, so the student's own samples
+/// can only come to follow the teacher's bigram through the teacher's scores of them.
+/// Half on-policy, a run stopped and resumed equals the uninterrupted one, and the
+/// setting is part of the checkpoint.
+#[test]
+fn on_policy_training_moves_the_students_own_samples_towards_the_teacher() {
+    let vocab = 64;
+    let cfg = mini_config_v(vocab);
+    let data = synthetic(16, vocab as u32);
+    let mut teacher = BigramTeacher {
+        vocab: vocab as u32,
+        calls: 0,
+    };
+    let student = Student::new(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
+    let before = follows_rule(&student, &data, &teacher);
+    let on_policy = OnPolicy {
+        fraction: 1.0,
+        max_new_tokens: 12,
+        temperature: 1.0,
+    };
+    let tcfg = TrainConfig {
+        loss: LossKind::Kl,
+        top_k: 2,
+        epochs: 15,
+        batch_size: 4,
+        seq_len: 32,
+        lr: 1e-2,
+        checkpoint_every: 0,
+        seed: 4,
+        on_policy: Some(on_policy.clone()),
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let r = train_with_teacher(
+        &student,
+        &data,
+        None,
+        &tcfg,
+        Some(&mut teacher),
+        &dir.path().join("a"),
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = follows_rule(&student, &data, &teacher);
+    eprintln!(
+        "on-policy: samples following the teacher's rule {before:.3} → {after:.3} ({} steps, {} teacher calls)",
+        r.steps, teacher.calls
+    );
+    assert_eq!(r.on_policy_steps, r.steps);
+    assert_eq!(teacher.calls, 60 * 4);
+    assert!(read_train_log(&dir.path().join("a"))
+        .unwrap()
+        .iter()
+        .all(|e| e.on_policy));
+    assert!(before < 0.1, "{before}");
+    assert!(after > 0.6, "{before} → {after}");
+
+    // Without a teacher, or with cross-entropy, on-policy training is refused.
+    let fresh = || Student::new(cfg.clone(), 3, &Device::Cpu, DType::F32).unwrap();
+    let out = dir.path().join("x");
+    assert!(matches!(
+        train(&fresh(), &data, None, &tcfg, &out, &mut |_| {}),
+        Err(DistillError::Config(_))
+    ));
+    let sft = TrainConfig {
+        loss: LossKind::Sft,
+        ..tcfg.clone()
+    };
+    assert!(matches!(
+        train_with_teacher(
+            &fresh(),
+            &data,
+            None,
+            &sft,
+            Some(&mut teacher),
+            &out,
+            &mut |_| {}
+        ),
+        Err(DistillError::Config(_))
+    ));
+
+    // Half on-policy: stop after 3 steps and resume = 8 steps straight.
+    let half = TrainConfig {
+        epochs: 2,
+        checkpoint_every: 2,
+        on_policy: Some(OnPolicy {
+            fraction: 0.5,
+            ..on_policy
+        }),
+        ..tcfg.clone()
+    };
+    let straight = fresh();
+    let r = train_with_teacher(
+        &straight,
+        &data,
+        None,
+        &half,
+        Some(&mut teacher),
+        &dir.path().join("b"),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        r.on_policy_steps > 0 && r.on_policy_steps < 8,
+        "{}",
+        r.on_policy_steps
+    );
+    let out_c = dir.path().join("c");
+    let stop = TrainConfig {
+        stop_after: Some(3),
+        ..half.clone()
+    };
+    train_with_teacher(
+        &fresh(),
+        &data,
+        None,
+        &stop,
+        Some(&mut teacher),
+        &out_c,
+        &mut |_| {},
+    )
+    .unwrap();
+    let resumed = Student::new(cfg.clone(), 77, &Device::Cpu, DType::F32).unwrap();
+    let r2 = train_with_teacher(
+        &resumed,
+        &data,
+        None,
+        &half,
+        Some(&mut teacher),
+        &out_c,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(r2.resumed_from, Some(3));
+    let log_b: Vec<bool> = read_train_log(&dir.path().join("b"))
+        .unwrap()
+        .iter()
+        .map(|e| e.on_policy)
+        .collect();
+    let log_c: Vec<bool> = read_train_log(&out_c)
+        .unwrap()
+        .iter()
+        .map(|e| e.on_policy)
+        .collect();
+    assert_eq!(log_b, log_c);
+    let worst = max_param_diff(&straight, &resumed);
+    assert!(worst < 1e-5, "max difference {worst}");
+    // A different on-policy fraction cannot resume that run.
+    let other = TrainConfig {
+        on_policy: Some(OnPolicy {
+            fraction: 0.25,
+            max_new_tokens: 12,
+            temperature: 1.0,
+        }),
+        ..half
+    };
+    assert!(matches!(
+        train_with_teacher(
+            &fresh(),
+            &data,
+            None,
+            &other,
+            Some(&mut teacher),
+            &out_c,
+            &mut |_| {}
+        ),
+        Err(DistillError::Resume { .. })
+    ));
 }

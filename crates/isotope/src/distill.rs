@@ -1,6 +1,6 @@
 //! `isotope distill harvest|train|eval`, and `generate --model DIR` for a trained
 //! student: flags, progress bars and output; the work is in `isotope-distill` (and,
-//! for the teacher side of `eval`, `isotope-engine`).
+//! for the teacher side of `eval` and on-policy `train`, `isotope-engine`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use isotope_distill::{
-    load_jsonl, DType, DataOptions, Device, HarvestConfig, LossKind, Student, StudentConfig,
-    StudentTokenizer, TrainConfig, CHECKPOINT_DIR, TOKENIZER_FILE,
+    load_jsonl, DType, DataOptions, Device, HarvestConfig, LossKind, OnPolicy, Student,
+    StudentConfig, StudentTokenizer, TopK, TrainConfig, CHECKPOINT_DIR, TOKENIZER_FILE,
 };
 use isotope_sampling::{Sampler, SamplingParams};
 use serde::Serialize;
@@ -242,9 +242,51 @@ struct TrainArgs {
     /// System message for prompts rendered from text.
     #[arg(long)]
     system: Option<String>,
+    /// A local teacher GGUF (scored with llama.cpp): with a token-level loss it scores
+    /// harvest lines that came without top-k log-probs, and `--on-policy` needs it.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// On-policy distillation (GKD): this fraction of the steps trains on the student's
+    /// own continuations of the batch's prompts, scored by `--teacher` (0–1; needs
+    /// --loss kl, rkl or jsd).
+    #[arg(long)]
+    on_policy: Option<f64>,
+    /// Most tokens the student samples per prompt on an on-policy step.
+    #[arg(long, default_value_t = 64)]
+    on_policy_max_tokens: usize,
+    /// Temperature of the student's on-policy samples.
+    #[arg(long, default_value_t = 1.0)]
+    on_policy_temperature: f32,
+    /// CPU threads for the teacher (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Print one JSON object (first_loss, final_loss, tokens_per_sec, params, …).
     #[arg(long)]
     json: bool,
+}
+
+/// A local GGUF as the trainer's teacher: llama.cpp's teacher-forced scores.
+struct GgufTeacher {
+    model: isotope_engine::Model,
+    threads: Option<usize>,
+}
+
+impl isotope_distill::Teacher for GgufTeacher {
+    fn top_k(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+    ) -> std::result::Result<Vec<TopK>, isotope_distill::TeacherError> {
+        Ok(self
+            .model
+            .score(tokens, k, self.threads)?
+            .into_iter()
+            .map(|s| TopK {
+                ids: s.top.iter().map(|t| t.0).collect(),
+                logprobs: s.top.iter().map(|t| t.1).collect(),
+            })
+            .collect())
+    }
 }
 
 fn load_tokenizer(path: &Path) -> Result<StudentTokenizer> {
@@ -282,14 +324,47 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let data = load_jsonl(&a.data, Some(&tok), &opts)?;
     report_warnings(&a.data, &data.warnings);
-    if loss.needs_top_logprobs() && data.with_top_logprobs() == 0 {
+    if loss.needs_top_logprobs() && data.with_top_logprobs() == 0 && a.teacher.is_none() {
         bail!(
             "--loss {loss} needs top log-probabilities, and no line of {} has them \
-             (harvest with --top-logprobs K)",
+             (harvest with --top-logprobs K, or give a local --teacher GGUF to score them)",
             a.data.display()
         );
     }
+    if a.on_policy.is_some() && a.teacher.is_none() {
+        bail!(
+            "--on-policy needs --teacher GGUF: the teacher scores the student's own samples \
+             (an API only returns log-probs of its own answers)"
+        );
+    }
+    let mut teacher = match &a.teacher {
+        Some(path) => {
+            let model = crate::generate::load_model(&crate::ModelArgs {
+                model: path.clone(),
+                threads: a.threads,
+            })?;
+            if model.n_vocab() != student.config().vocab_size {
+                bail!(
+                    "the teacher {} has a vocabulary of {} tokens and the student {}: \
+                     they must share the tokenizer",
+                    path.display(),
+                    model.n_vocab(),
+                    student.config().vocab_size
+                );
+            }
+            Some(GgufTeacher {
+                model,
+                threads: a.threads,
+            })
+        }
+        None => None,
+    };
     let cfg = TrainConfig {
+        on_policy: a.on_policy.map(|fraction| OnPolicy {
+            fraction,
+            max_new_tokens: a.on_policy_max_tokens,
+            temperature: a.on_policy_temperature,
+        }),
         loss,
         top_k: a.top_k,
         epochs: a.epochs,
@@ -318,14 +393,25 @@ fn train(a: TrainArgs) -> Result<()> {
         )
         .expect("static template"),
     );
-    let report = isotope_distill::train(&student, &data, Some(&tok), &cfg, &a.out, &mut |p| {
-        bar.set_length(p.total_steps as u64);
-        bar.set_position(p.step as u64);
-        bar.set_message(format!(
-            "loss {:.3} lr {:.2e} {:.0} tok/s",
-            p.loss, p.lr, p.tokens_per_sec
-        ));
-    })?;
+    let teacher_ref = teacher
+        .as_mut()
+        .map(|t| t as &mut dyn isotope_distill::Teacher);
+    let report = isotope_distill::train_with_teacher(
+        &student,
+        &data,
+        Some(&tok),
+        &cfg,
+        teacher_ref,
+        &a.out,
+        &mut |p| {
+            bar.set_length(p.total_steps as u64);
+            bar.set_position(p.step as u64);
+            bar.set_message(format!(
+                "loss {:.3} lr {:.2e} {:.0} tok/s",
+                p.loss, p.lr, p.tokens_per_sec
+            ));
+        },
+    )?;
     bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

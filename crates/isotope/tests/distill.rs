@@ -337,3 +337,73 @@ fn train_refuses_to_overwrite_without_resume() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
     run(&mut train(&["--resume"]));
 }
+
+/// `distill train --teacher GGUF`: a text-only harvest trains with the KD loss on the
+/// local teacher's scores, and `--on-policy 1` trains every step on the student's own
+/// samples; `--on-policy` without a teacher is refused with what to add.
+#[test]
+fn train_with_local_teacher_and_on_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let lines: String = [
+        "What is 2 + 3?",
+        "Name a fruit.",
+        "Say hello.",
+        "Count to three.",
+    ]
+    .iter()
+    .map(|p| format!("{{\"prompt\": \"{p}\", \"response\": \"Here is my answer.\"}}\n"))
+    .collect();
+    std::fs::write(&data, lines).unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let mut c = isotope();
+        c.args(["distill", "train", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args([
+                "--loss",
+                "kl",
+                "--top-k",
+                "5",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+            ])
+            .args(extra);
+        c
+    };
+    let o = train("a", &["--on-policy", "0.5"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--teacher"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let teacher = model();
+    let teacher = teacher.to_str().unwrap();
+    let (stdout, _) = run(&mut train("b", &["--teacher", teacher]));
+    let t = last_json(&stdout);
+    assert_eq!(t["steps"], 4, "{t}");
+    assert_eq!(t["examples_with_top_logprobs"], 0, "{t}");
+    assert_eq!(t["teacher_scored"], 8, "{t}");
+    assert_eq!(t["on_policy_steps"], 0, "{t}");
+    let (stdout, _) = run(&mut train(
+        "c",
+        &[
+            "--teacher",
+            teacher,
+            "--on-policy",
+            "1",
+            "--on-policy-max-tokens",
+            "8",
+        ],
+    ));
+    let t = last_json(&stdout);
+    assert_eq!(t["on_policy_steps"], 4, "{t}");
+    assert!(t["final_loss"].as_f64().is_some_and(f64::is_finite), "{t}");
+}

@@ -2,31 +2,21 @@
 //! formats, an evidence bundle that verifies (and one that does not), reading mode on
 //! a student directory, and clear errors on bad input.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
-use std::time::Duration;
+mod common;
 
-use assert_cmd::cargo::CommandCargoExt;
-use assert_cmd::Command;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::workspace;
 use serde_json::Value;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn model() -> String {
-    workspace()
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        .display()
-        .to_string()
+    common::model().display().to_string()
 }
 
 fn isotope() -> Command {
-    let mut c = Command::cargo_bin("isotope").unwrap();
-    c.env_remove("ISOTOPE_MODEL")
-        .env_remove("ISOTOPE_WATERMARK_KEY")
-        .env("ISOTOPE_MODEL", model())
+    let mut c = common::isotope();
+    c.env("ISOTOPE_MODEL", model())
         // One llama.cpp thread: two OpenMP threads on a loaded 2-core box spin.
         .env("ISOTOPE_THREADS", "1");
     c
@@ -240,58 +230,8 @@ fn audit_model_reading_mode_and_bad_input() {
     assert!(stderr.contains("missing.txt"), "{stderr}");
 }
 
-/// A running `isotope serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data: &Path) -> Server {
-    let mut child = StdCommand::cargo_bin("isotope")
-        .unwrap()
-        .env_remove("ISOTOPE_WATERMARK_KEY")
-        .env_remove("ISOTOPE_DATABASE_URL")
-        .args([
-            "serve",
-            "--model",
-            &model(),
-            "--addr",
-            "127.0.0.1:0",
-            "--slots",
-            "4",
-            "--ctx",
-            "1024",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap().to_owned());
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server ready");
-    Server { child, addr }
+fn serve(data: &Path) -> common::Server {
+    common::start(&["--data-dir", data.to_str().unwrap()])
 }
 
 #[test]

@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{model, workspace};
@@ -38,56 +37,8 @@ fn last_json(stdout: &str) -> Value {
     serde_json::from_str(stdout.lines().last().expect("output")).unwrap()
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(data_dir: &Path) -> Server {
-    let mut child = isotope()
-        .arg("serve")
-        .arg("--model")
-        .arg(model())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--addr", "127.0.0.1:0", "--slots", "4", "--ctx", "1024"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            log.push_str(&line);
-            log.push('\n');
-            if !sent {
-                if let Some(rest) = line.split("on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap().to_owned();
-                    let _ = tx.send(Ok(addr));
-                    sent = true;
-                }
-            }
-        }
-        if !sent {
-            let _ = tx.send(Err(log));
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(180)) {
-        Ok(Ok(addr)) => addr,
-        Ok(Err(log)) => panic!("server exited before it was ready:\n{log}"),
-        Err(_) => panic!("server not ready within 180 s"),
-    };
-    Server { child, addr }
+fn start_server(data_dir: &Path) -> common::Server {
+    common::start(&["--data-dir", data_dir.to_str().unwrap()])
 }
 
 fn ids(path: &Path) -> (usize, HashSet<String>) {

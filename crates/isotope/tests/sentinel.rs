@@ -19,25 +19,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{isotope, model, run_ok, workspace};
+use common::{isotope, run_ok, workspace};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -47,39 +33,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_server(config: &std::path::Path, addr: &str) -> Server {
-    let mut child = isotope()
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .arg("--model")
-        .arg(model())
-        .args([
-            "--addr",
-            addr,
-            "--slots",
-            "4",
-            "--ctx",
-            "1024",
-            "--threads",
-            "1",
-        ])
-        .env("ISOTOPE_LOG", "isotope_server=info,warn")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let l = Arc::clone(&log);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut l = l.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    Server { child, log }
+/// The server on a fixed address, not waited for: the test watches `/health` answer
+/// 503 while the model loads.
+fn spawn_server(config: &std::path::Path, addr: &str) -> common::Server {
+    common::spawn(
+        common::serve_cmd()
+            .arg("--config")
+            .arg(config)
+            .args(["--addr", addr, "--threads", "1"])
+            .env("ISOTOPE_LOG", "isotope_server=info,warn"),
+    )
 }
 
 /// A tiny webhook receiver: every POSTed JSON body is kept.

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
-use std::time::Duration;
+use std::process::{Command as StdCommand, Stdio};
 
 use common::{model, workspace};
 use serde_json::{json, Value};
@@ -34,54 +33,14 @@ fn run(cmd: &mut StdCommand) -> (i32, String, String) {
     )
 }
 
-/// A running `isotope serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(store: &[&str], extra: &[&str]) -> Server {
-    let mut child = isotope()
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--slots",
-            "2",
-            "--ctx",
-            "1024",
-        ])
-        .args(["--threads", "1", "--no-sentinel"])
-        .args(store)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap().to_owned());
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(180))
-        .expect("server ready");
-    Server { child, addr }
+fn serve(store: &[&str], extra: &[&str]) -> common::Server {
+    common::start_cmd(
+        isotope()
+            .args(["serve", "--addr", "127.0.0.1:0", "--slots", "2"])
+            .args(["--ctx", "1024", "--threads", "1", "--no-sentinel"])
+            .args(store)
+            .args(extra),
+    )
 }
 
 fn create_key(store: &[&str], account: &str) -> String {

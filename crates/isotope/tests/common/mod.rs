@@ -6,6 +6,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command as StdCommand, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
@@ -19,7 +21,9 @@ pub fn model() -> PathBuf {
 }
 
 /// The binary with none of the caller's `ISOTOPE_*` settings, so a developer's
-/// environment cannot change what a test runs.
+/// environment cannot change what a test runs — except `ISOTOPE_DATA`, pointed at this
+/// checkout's `data/`: the binary's built-in default is the directory it was compiled
+/// in, and a shared target directory may hold a binary compiled from another checkout.
 pub fn isotope() -> StdCommand {
     let mut c = StdCommand::cargo_bin("isotope").unwrap();
     for (var, _) in std::env::vars_os() {
@@ -27,6 +31,7 @@ pub fn isotope() -> StdCommand {
             c.env_remove(var);
         }
     }
+    c.env("ISOTOPE_DATA", workspace().join("data"));
     c
 }
 
@@ -38,10 +43,13 @@ pub fn run_ok(cmd: &mut StdCommand) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A running `isotope serve`, killed on drop.
+/// A running `isotope serve`, killed on drop; its stderr so far is in `log`.
 pub struct Server {
     pub child: Child,
+    /// The address it announced (empty for [`spawn`] until [`Server::wait_ready`]).
     pub addr: String,
+    pub log: Arc<Mutex<String>>,
+    announced: Receiver<String>,
 }
 
 impl Drop for Server {
@@ -51,45 +59,75 @@ impl Drop for Server {
     }
 }
 
-/// Start `isotope serve --model M --addr 127.0.0.1:0 --slots 4 --ctx 1024 ARGS…` and wait
-/// until it says where it listens.
-pub fn start(args: &[&str]) -> Server {
-    let mut child = isotope()
-        .arg("serve")
-        .arg("--model")
-        .arg(model())
-        .args(["--addr", "127.0.0.1:0", "--slots", "4", "--ctx", "1024"])
-        .args(args)
+impl Server {
+    /// Wait (up to 180 s) until the server says where it listens; panics with its log
+    /// if it exits first.
+    pub fn wait_ready(&mut self) {
+        match self.announced.recv_timeout(Duration::from_secs(180)) {
+            Ok(addr) => self.addr = addr,
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "server exited before it was ready:\n{}",
+                self.log.lock().unwrap()
+            ),
+            Err(RecvTimeoutError::Timeout) => panic!("server not ready within 180 s"),
+        }
+    }
+}
+
+/// Spawn `cmd` (an `isotope serve …` command line) without waiting for it: its stderr
+/// is collected into [`Server::log`], and a line with "panicked" fails the test.
+pub fn spawn(cmd: &mut StdCommand) -> Server {
+    let mut child = cmd
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, announced) = std::sync::mpsc::channel();
+    let log = Arc::new(Mutex::new(String::new()));
+    let l = Arc::clone(&log);
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines();
         let mut sent = false;
-        let mut log = String::new();
-        while let Some(Ok(line)) = lines.next() {
-            log.push_str(&line);
-            log.push('\n');
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut l = l.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
             if !sent {
                 if let Some(rest) = line.split("on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap().to_owned();
-                    let _ = tx.send(Ok(addr));
+                    let _ = tx.send(rest.split_whitespace().next().unwrap().to_owned());
                     sent = true;
                 }
             }
-            assert!(!line.contains("panicked"), "server panicked: {log}");
-        }
-        if !sent {
-            let _ = tx.send(Err(log));
+            assert!(!line.contains("panicked"), "server panicked: {l}");
         }
     });
-    let addr = match rx.recv_timeout(Duration::from_secs(180)) {
-        Ok(Ok(addr)) => addr,
-        Ok(Err(log)) => panic!("server exited before it was ready:\n{log}"),
-        Err(_) => panic!("server not ready within 180 s"),
-    };
-    Server { child, addr }
+    Server {
+        child,
+        addr: String::new(),
+        log,
+        announced,
+    }
+}
+
+/// Spawn `cmd` and wait until it says where it listens.
+pub fn start_cmd(cmd: &mut StdCommand) -> Server {
+    let mut server = spawn(cmd);
+    server.wait_ready();
+    server
+}
+
+/// `isotope serve --model M --slots 4 --ctx 1024`, to add flags to.
+pub fn serve_cmd() -> StdCommand {
+    let mut c = isotope();
+    c.arg("serve")
+        .arg("--model")
+        .arg(model())
+        .args(["--slots", "4", "--ctx", "1024"]);
+    c
+}
+
+/// Start `isotope serve --model M --addr 127.0.0.1:0 --slots 4 --ctx 1024 ARGS…` and wait
+/// until it says where it listens.
+pub fn start(args: &[&str]) -> Server {
+    start_cmd(serve_cmd().args(["--addr", "127.0.0.1:0"]).args(args))
 }

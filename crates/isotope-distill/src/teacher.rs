@@ -10,8 +10,9 @@
 //! its own samples is not: hence the [`Teacher`] trait, implemented outside this
 //! crate over a local GGUF (this crate knows nothing of llama.cpp).
 //!
-//! With a teacher, sequences of the harvest that came without top-k log-probs are
-//! scored by it as well, so a text-only harvest trains with the token-level loss.
+//! With a teacher, positions of the harvest that came without top-k log-probs are
+//! scored by it as well (harvested rows are kept), so a text-only harvest trains with
+//! the token-level loss.
 
 use isotope_sampling::{Sampler, SamplingParams, TokenId};
 use rand_chacha::ChaCha8Rng;

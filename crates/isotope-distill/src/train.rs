@@ -190,8 +190,8 @@ pub struct TrainReport {
     pub tokens: u64,
     /// Steps (in this invocation) that trained on the student's own samples.
     pub on_policy_steps: usize,
-    /// Harvest sequences without top-k log-probs that the teacher scored (in this
-    /// invocation; counted once per use).
+    /// Harvest sequences with positions lacking top-k log-probs that the teacher
+    /// scored to fill them (in this invocation; counted once per use).
     pub teacher_scored: usize,
     pub out_dir: PathBuf,
 }
@@ -400,9 +400,10 @@ pub fn train(
 
 /// [`train`] with a local teacher: with `cfg.on_policy`, a share of the steps train on
 /// the student's own continuations of the batch's prompts, scored by `teacher` (GKD);
-/// and with a token-level loss, harvest sequences that came without top-k log-probs
-/// are scored by `teacher` instead of falling back to cross-entropy. The student stops
-/// sampling at the tokenizer's `<|im_end|>` when a tokenizer is given.
+/// and with a token-level loss, harvest positions that came without top-k log-probs
+/// get `teacher`'s instead of falling back to cross-entropy (harvested ones are
+/// kept). The student stops sampling at the tokenizer's `<|im_end|>` when a tokenizer
+/// is given.
 pub fn train_with_teacher(
     student: &Student,
     data: &Dataset,
@@ -563,10 +564,20 @@ pub fn train_with_teacher(
             .zip(&scored)
             .filter(|_| any_scored)
             .filter_map(|(s, sc)| match sc {
-                Some(sc) => Some(Sequence {
+                Some(sc) if on_policy => Some(Sequence {
                     inputs: &sc.tokens[..sc.tokens.len() - 1],
                     targets: (sc.prompt_len - 1..sc.tokens.len() - 1)
                         .map(|j| (j, sc.tokens[j + 1], Some(&sc.top[j])))
+                        .collect(),
+                }),
+                // A harvest sequence: the teacher fills only the positions that came
+                // without log-probs; harvested rows are kept.
+                Some(sc) => Some(Sequence {
+                    inputs: s.inputs,
+                    targets: s
+                        .targets
+                        .iter()
+                        .map(|&(j, tgt, top)| (j, tgt, top.or(Some(&sc.top[j]))))
                         .collect(),
                 }),
                 // An on-policy step trains on samples only.

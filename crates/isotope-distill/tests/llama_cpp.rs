@@ -83,20 +83,7 @@ fn gguf_student_scores_like_llama_cpp_and_exports() {
     assert!((a - b).abs() < 0.01, "llama.cpp {a} vs candle {b}");
 
     // A small student exported as GGUF: llama.cpp loads it and scores like candle.
-    let small = Student::new(
-        StudentConfig {
-            hidden_size: 64,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            intermediate_size: 128,
-            ..StudentConfig::tiny()
-        },
-        3,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let small = mini_student(3);
     // Weights ~10× the init scale, so the logits are far from uniform and a layout
     // error (transposed matrix, wrong RoPE pairing, wrong head grouping) would show.
     for v in small.vars().values() {

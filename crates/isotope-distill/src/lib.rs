@@ -66,7 +66,7 @@ pub use model::{KvCache, Student, CONFIG_FILE, WEIGHTS_FILE};
 pub use ops::log_softmax_last;
 pub use optim::{clip_scale, grad_norm, lr_at, AdamW, AdamWParams};
 pub use plot::loss_png;
-pub use teacher::{OnPolicy, Teacher, TeacherError};
+pub use teacher::{eval_own_samples, OnPolicy, OwnSampleEval, Teacher, TeacherError};
 pub use tokenizer::{chatml_prompt, StudentTokenizer, CHATML_END, TOKENIZER_FILE};
 pub use train::{
     measure_tokens_per_sec, read_train_log, train, train_with_teacher, LogEntry, Progress,

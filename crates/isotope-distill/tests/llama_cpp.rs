@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use isotope_distill::*;
 use isotope_engine::{LoadOptions, Model};
-use isotope_sampling::Sampler;
 
 fn teacher_gguf() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -207,27 +206,19 @@ impl Teacher for LlamaTeacher {
 }
 
 /// Mean KL(teacher ‖ student) (top-5 + tail) over the student's own sampled
-/// continuations of `prompts` — the quantity on-policy distillation minimises.
-fn on_policy_kl(student: &Student, model: &Model, prompts: &[Vec<u32>]) -> f64 {
-    let (mut kl, mut n) = (0.0, 0usize);
-    for (i, p) in prompts.iter().enumerate() {
-        let mut sampler = Sampler::new(
-            isotope_sampling::SamplingParams {
-                seed: 21,
-                ..Default::default()
-            },
-            i as u64,
-        );
-        let out = student.generate(p, &mut sampler, 16, &[]).unwrap();
-        let full: Vec<u32> = p.iter().chain(&out).copied().collect();
-        let t = model.score(&full, 5, None).unwrap();
-        let logits = student.logits(&full[..full.len() - 1]).unwrap();
-        for j in p.len() - 1..full.len() - 1 {
-            kl += kl_top_tail(&t[j].top, &log_softmax_row(&logits[j]));
-            n += 1;
-        }
-    }
-    kl / n as f64
+/// continuations of `prompts` (16 tokens each) — the quantity on-policy distillation
+/// minimises.
+fn on_policy_kl(student: &Student, teacher: &mut LlamaTeacher, prompts: &[Vec<u32>]) -> f64 {
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let cfg = OnPolicy {
+        fraction: 1.0,
+        max_new_tokens: 16,
+        temperature: 1.0,
+    };
+    let r = eval_own_samples(student, teacher, &prompts, &cfg, 5, &[], 21).unwrap();
+    assert_eq!(r.samples, prompts.len());
+    assert!(r.tokens > 0 && (0.0..=1.0).contains(&r.top1_agreement));
+    r.kl
 }
 
 /// On-policy distillation against the real teacher: the student samples, llama.cpp
@@ -257,7 +248,8 @@ fn on_policy_kd_with_llama_cpp_teacher_reduces_kl_on_own_samples() {
         .map(|e| e.tokens[..e.prompt_len].to_vec())
         .collect();
     let student = mini_student(9);
-    let before = on_policy_kl(&student, &model, &prompts);
+    let mut teacher = LlamaTeacher(model);
+    let before = on_policy_kl(&student, &mut teacher, &prompts);
     let cfg = TrainConfig {
         loss: LossKind::Kl,
         top_k: 5,
@@ -274,7 +266,6 @@ fn on_policy_kd_with_llama_cpp_teacher_reduces_kl_on_own_samples() {
         ..TrainConfig::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut teacher = LlamaTeacher(model);
     let r = train_with_teacher(
         &student,
         &data,
@@ -285,7 +276,7 @@ fn on_policy_kd_with_llama_cpp_teacher_reduces_kl_on_own_samples() {
         &mut |_| {},
     )
     .unwrap();
-    let after = on_policy_kl(&student, &teacher.0, &prompts);
+    let after = on_policy_kl(&student, &mut teacher, &prompts);
     eprintln!(
         "on-policy KD with the llama.cpp teacher: KL on own samples {before:.3} → {after:.3} \
          ({} steps, {} on-policy, {} harvest sequences teacher-scored, {:.0} tokens/s)",

@@ -459,6 +459,19 @@ struct EvalArgs {
     /// Longest sequence scored, in tokens (longer ones are cut).
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
+    /// Prompts the student continues with its own samples, scored by the teacher (the
+    /// on-policy KL that GKD minimises; 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    on_policy_samples: usize,
+    /// Most tokens the student samples per on-policy prompt.
+    #[arg(long, default_value_t = 64)]
+    on_policy_max_tokens: usize,
+    /// Temperature of the student's on-policy samples.
+    #[arg(long, default_value_t = 1.0)]
+    on_policy_temperature: f32,
+    /// Seed of the student's on-policy samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// CPU threads for the teacher (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -488,6 +501,9 @@ struct EvalReport {
     answers_compared: usize,
     /// Fraction where the student's greedy answer ends in the same number.
     answer_agreement: f64,
+    /// The student on its own samples of held-out prompts (KL to the teacher and top-1
+    /// agreement there), absent with `--on-policy-samples 0`.
+    on_policy: Option<isotope_distill::OwnSampleEval>,
     elapsed_secs: f64,
 }
 
@@ -499,10 +515,13 @@ fn eval(a: EvalArgs) -> Result<()> {
         student = Student::new(student.config().clone(), 0, &Device::Cpu, DType::F32)?;
     }
     let tok = student_tokenizer(&a.student, &a.teacher)?;
-    let teacher = crate::generate::load_model(&crate::ModelArgs {
-        model: a.teacher.clone(),
+    let mut teacher = GgufTeacher {
+        model: crate::generate::load_model(&crate::ModelArgs {
+            model: a.teacher.clone(),
+            threads: a.threads,
+        })?,
         threads: a.threads,
-    })?;
+    };
     let opts = DataOptions {
         system: None,
         vocab_size: student.config().vocab_size,
@@ -529,7 +548,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         if toks.len() <= ex.prompt_len {
             continue;
         }
-        let t_scores = teacher.score(toks, a.kl_top_k.max(1), a.threads)?;
+        let t_scores = teacher.model.score(toks, a.kl_top_k.max(1), a.threads)?;
         let logits = student.logits(&toks[..toks.len() - 1])?;
         // Position i predicts toks[i + 1]; response targets start at prompt_len.
         for i in ex.prompt_len - 1..toks.len() - 1 {
@@ -589,6 +608,38 @@ fn eval(a: EvalArgs) -> Result<()> {
     bar.finish_and_clear();
     r.answers_compared = candidates.len();
     r.answer_agreement = same as f64 / candidates.len().max(1) as f64;
+
+    // The student on its own samples: what off-policy (harvest) training never shows it.
+    if a.on_policy_samples > 0 {
+        let cfg = isotope_distill::OnPolicy {
+            fraction: 1.0,
+            max_new_tokens: a.on_policy_max_tokens,
+            temperature: a.on_policy_temperature,
+        };
+        let prompts: Vec<&[u32]> = examples
+            .iter()
+            .take(a.on_policy_samples)
+            .map(|ex| &ex.tokens[..ex.prompt_len])
+            .collect();
+        let spinner = ProgressBar::new_spinner().with_message(format!(
+            "student samples {} prompts, the teacher scores them",
+            prompts.len()
+        ));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        let stop: Vec<u32> = end.into_iter().collect();
+        let own = isotope_distill::eval_own_samples(
+            &student,
+            &mut teacher,
+            &prompts,
+            &cfg,
+            a.kl_top_k,
+            &stop,
+            a.seed,
+        )
+        .context("scoring the student's own samples (check --on-policy-max-tokens and --on-policy-temperature)")?;
+        spinner.finish_and_clear();
+        r.on_policy = Some(own);
+    }
     r.elapsed_secs = start.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -609,6 +660,16 @@ fn eval(a: EvalArgs) -> Result<()> {
             100.0 * r.answer_agreement,
             r.answers_compared
         );
+        if let Some(own) = &r.on_policy {
+            println!(
+                "  on its own samples ({} prompts, {} tokens): KL(teacher‖student) {:.3} \
+                 nats/token, top-1 agreement {:.1}%",
+                own.samples,
+                own.tokens,
+                own.kl,
+                100.0 * own.top1_agreement
+            );
+        }
     }
     Ok(())
 }

@@ -225,6 +225,10 @@ fn harvest_resume_train_eval_generate() {
             "1",
             "--answer-max-tokens",
             "8",
+            "--on-policy-samples",
+            "2",
+            "--on-policy-max-tokens",
+            "6",
             "--json",
         ]));
     let e = last_json(&stdout);
@@ -234,6 +238,13 @@ fn harvest_resume_train_eval_generate() {
     assert!((0.0..=1.0).contains(&agree), "{e}");
     assert!(e["kl_teacher_student"].as_f64().unwrap() >= 0.0, "{e}");
     assert_eq!(e["answers_compared"], 1, "{e}");
+    // The student's own samples, scored by the teacher (stopping at <|im_end|> may end
+    // a sample early, never make it longer).
+    let own = &e["on_policy"];
+    assert_eq!(own["samples"], 2, "{e}");
+    let own_tokens = own["tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&own_tokens), "{e}");
+    assert!(own["kl"].as_f64().unwrap() >= 0.0, "{e}");
 
     // 5. `generate --model DIR` runs the student.
     let (stdout, _) = run(isotope().args(["generate", "--model"]).arg(&student).args([

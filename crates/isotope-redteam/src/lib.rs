@@ -137,6 +137,13 @@ pub struct RedteamConfig {
     /// llama.cpp threads (default: all cores).
     pub threads: Option<usize>,
     pub seed: u64,
+    /// Extra students trained on mixtures: for each fraction f, a random f of the
+    /// harvest prompts (nested: the 5% set lies inside the 25% set) are answered by
+    /// the watermarked teacher and the rest by the control teacher, same prompts and
+    /// about the same tokens as the two arms — the power of the audit vs the share of
+    /// watermarked data in a student's training set. Empty: the two arms only.
+    #[serde(default)]
+    pub mixes: Vec<f64>,
 }
 
 impl Default for RedteamConfig {
@@ -170,6 +177,7 @@ impl Default for RedteamConfig {
             slots: 4,
             threads: None,
             seed: 0,
+            mixes: Vec::new(),
         }
     }
 }
@@ -185,6 +193,11 @@ impl RedteamConfig {
         }
         if self.max_accounts == 0 {
             return bad("max_accounts must be at least 1");
+        }
+        if self.mixes.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+            return bad(
+                "each mix fraction must lie strictly between 0 and 1 (the arms are 1 and 0)",
+            );
         }
         if !(self.price_per_million_tokens >= 0.0 && self.price_per_million_tokens.is_finite()) {
             return bad("price_per_million_tokens must be a non-negative number");
@@ -678,7 +691,7 @@ fn black_box_audit(
 #[allow(clippy::too_many_arguments)]
 fn student_arm(
     cfg: &RedteamConfig,
-    arm: Arm,
+    name: &str,
     tok: &StudentTokenizer,
     model: &Model,
     fed: &[EvidenceText],
@@ -688,7 +701,7 @@ fn student_arm(
     scoring: &Scoring,
     events: &mut (dyn FnMut(Event) + Send),
 ) -> Result<report::ArmStudent> {
-    let dir = cfg.out.join(arm.name());
+    let dir = cfg.out.join(name);
     let data_path = dir.join("harvest.jsonl");
     let data = load_jsonl(&data_path, Some(tok), &DataOptions::default())?;
     let response_tokens: u64 = data.examples.iter().map(|e| e.response_len() as u64).sum();
@@ -714,8 +727,7 @@ fn student_arm(
         let stop = (total * k).div_ceil(cfg.checkpoints).max(1);
         events(Event::Stage {
             name: format!(
-                "{}: training the student, stage {k}/{}",
-                arm.name(),
+                "{name}: training the student, stage {k}/{}",
                 cfg.checkpoints
             ),
             total: stop as u64,
@@ -739,7 +751,7 @@ fn student_arm(
             continue;
         }
         events(Event::Stage {
-            name: format!("{}: reading-mode audit at step {}", arm.name(), rep.steps),
+            name: format!("{name}: reading-mode audit at step {}", rep.steps),
             total: 0,
         });
         let r = reading_audit(&student, fed, ours, keys, scoring)?;
@@ -764,7 +776,7 @@ fn student_arm(
     }
     let rep = last.expect("at least one stage");
     events(Event::Stage {
-        name: format!("{}: final audits", arm.name()),
+        name: format!("{name}: final audits"),
         total: heldout.len() as u64,
     });
     let reading = reading_audit(&student, fed, ours, keys, scoring)?;
@@ -793,6 +805,56 @@ fn student_arm(
         reading,
         black_box,
     })
+}
+
+/// Directory name of the mixture with watermarked share `fraction` (`mix-25`, `mix-5`,
+/// `mix-2.5`).
+fn mix_name(fraction: f64) -> String {
+    let pct = (fraction * 1000.0).round() / 10.0;
+    format!("mix-{pct}")
+}
+
+/// Write `OUT/NAME/harvest.jsonl`: every prompt both arms answered, from the
+/// watermarked arm for a seeded random `fraction` of them and from the control arm for
+/// the rest. One permutation per run, so the watermarked prompts of a smaller fraction
+/// are a subset of a larger one's (the mixtures differ only in what they add). Returns
+/// (examples, watermarked examples).
+fn write_mix(cfg: &RedteamConfig, fraction: f64, name: &str) -> Result<(usize, usize)> {
+    use rand_core::{RngCore, SeedableRng};
+    let wm = read_records(&cfg.out.join(Arm::Watermarked.name()).join("harvest.jsonl"))?;
+    let control: HashMap<String, HarvestRecord> =
+        read_records(&cfg.out.join(Arm::Control.name()).join("harvest.jsonl"))?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+    let mut pairs: Vec<(HarvestRecord, &HarvestRecord)> = wm
+        .into_iter()
+        .filter_map(|w| control.get(&w.id).map(|c| (w, c)))
+        .collect();
+    // Harvest order depends on which request finished first; sort by id first so the
+    // permutation, and so the mixture, is a function of the seed alone.
+    pairs.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7865_735f_7631);
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let take = (fraction * pairs.len() as f64).round() as usize;
+    let mut from_wm = vec![false; pairs.len()];
+    for &i in order.iter().take(take) {
+        from_wm[i] = true;
+    }
+    let dir = cfg.out.join(name);
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let path = dir.join("harvest.jsonl");
+    let mut text = String::new();
+    for ((w, c), wm) in pairs.iter().zip(&from_wm) {
+        let r = if *wm { w } else { *c };
+        text.push_str(&serde_json::to_string(r).expect("serialises"));
+        text.push('\n');
+    }
+    std::fs::write(&path, text).map_err(io_err(&path))?;
+    Ok((pairs.len(), take))
 }
 
 /// Everything the sentinel did in the watermarked teacher, from its store.
@@ -919,8 +981,32 @@ pub fn run(
     let mut students = Vec::new();
     for arm in [Arm::Watermarked, Arm::Control] {
         students.push(student_arm(
-            cfg, arm, &tok, model, &fed, &ours, &heldout, &keys, scoring, events,
+            cfg,
+            arm.name(),
+            &tok,
+            model,
+            &fed,
+            &ours,
+            &heldout,
+            &keys,
+            scoring,
+            events,
         )?);
+    }
+    let mut mixes = Vec::new();
+    for &fraction in &cfg.mixes {
+        let name = mix_name(fraction);
+        let (examples, watermarked_examples) = write_mix(cfg, fraction, &name)?;
+        let student = student_arm(
+            cfg, &name, &tok, model, &fed, &ours, &heldout, &keys, scoring, events,
+        )?;
+        mixes.push(report::MixReport {
+            fraction,
+            name,
+            examples,
+            watermarked_examples,
+            student,
+        });
     }
     let control_student = students.pop().expect("two arms");
     let wm_student = students.pop().expect("two arms");
@@ -950,6 +1036,7 @@ pub fn run(
                 student: control_student,
             },
         ],
+        mixes,
         cost: report::Cost::new(
             cfg.price_per_million_tokens,
             harvester_tokens.0,
@@ -960,4 +1047,99 @@ pub fn run(
     };
     report::write(&cfg.out, &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn record(id: usize, response: &str) -> String {
+        serde_json::to_string(&HarvestRecord {
+            id: isotope_distill::record_id(id, 0),
+            prompt_index: id,
+            sample: 0,
+            line: id + 1,
+            prompt: format!("prompt {id}"),
+            response: response.into(),
+            finish_reason: Some("length".into()),
+            model: None,
+            seed: None,
+            usage: None,
+            logprobs: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn mix_names() {
+        assert_eq!(mix_name(0.25), "mix-25");
+        assert_eq!(mix_name(0.05), "mix-5");
+        assert_eq!(mix_name(0.025), "mix-2.5");
+    }
+
+    /// Exact counts, only prompts both arms answered, nested across fractions, and
+    /// independent of the order the harvests were written in.
+    #[test]
+    fn mixtures_are_exact_nested_and_order_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RedteamConfig {
+            out: dir.path().to_path_buf(),
+            seed: 7,
+            ..RedteamConfig::default()
+        };
+        let write = |arm: &str, lines: Vec<String>| {
+            std::fs::create_dir_all(dir.path().join(arm)).unwrap();
+            std::fs::write(
+                dir.path().join(arm).join("harvest.jsonl"),
+                lines.join("\n") + "\n",
+            )
+            .unwrap();
+        };
+        // 40 watermarked answers in reverse order; the control misses prompt 39.
+        write(
+            "watermarked",
+            (0..40)
+                .rev()
+                .map(|i| record(i, &format!("wm {i}")))
+                .collect(),
+        );
+        write(
+            "control",
+            (0..39).map(|i| record(i, &format!("plain {i}"))).collect(),
+        );
+        let read = |name: &str| -> Vec<HarvestRecord> {
+            read_records(&dir.path().join(name).join("harvest.jsonl")).unwrap()
+        };
+        let wm_ids = |name: &str| -> HashSet<String> {
+            read(name)
+                .into_iter()
+                .filter(|r| r.response.starts_with("wm"))
+                .map(|r| r.id)
+                .collect()
+        };
+        assert_eq!(write_mix(&cfg, 0.25, "a").unwrap(), (39, 10));
+        assert_eq!(write_mix(&cfg, 0.1, "b").unwrap(), (39, 4));
+        assert_eq!(read("a").len(), 39);
+        assert!(read("a").iter().all(|r| r.id != "39-0"));
+        let (a, b) = (wm_ids("a"), wm_ids("b"));
+        assert_eq!((a.len(), b.len()), (10, 4));
+        assert!(b.is_subset(&a), "smaller mixtures lie inside larger ones");
+
+        // Same records in another order: the same mixture.
+        write(
+            "watermarked",
+            (0..40).map(|i| record(i, &format!("wm {i}"))).collect(),
+        );
+        write_mix(&cfg, 0.25, "c").unwrap();
+        assert_eq!(wm_ids("c"), a);
+        // Another seed: another mixture of the same size.
+        let other = RedteamConfig {
+            seed: 8,
+            ..cfg.clone()
+        };
+        write_mix(&other, 0.25, "d").unwrap();
+        assert_eq!(wm_ids("d").len(), 10);
+        assert_ne!(wm_ids("d"), a);
+    }
 }

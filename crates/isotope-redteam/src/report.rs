@@ -24,6 +24,9 @@ pub struct Report {
     pub key_commitment: String,
     /// Watermarked arm first, control second.
     pub arms: Vec<ArmReport>,
+    /// Students trained on mixtures of the two arms' answers (`config.mixes`).
+    #[serde(default)]
+    pub mixes: Vec<MixReport>,
     pub sentinel: SentinelReport,
     pub cost: Cost,
     /// Wall time of this invocation (a resumed run counts only its own part).
@@ -34,6 +37,19 @@ pub struct Report {
 pub struct ArmReport {
     pub arm: Arm,
     pub harvest: HarvestSummary,
+    pub student: ArmStudent,
+}
+
+/// A student trained on a mixture: `watermarked_examples` of `examples` harvest
+/// answers come from the watermarked teacher, the rest from the control teacher.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MixReport {
+    /// Share of prompts answered by the watermarked teacher, as configured.
+    pub fraction: f64,
+    /// Its directory under the output directory (`mix-25`).
+    pub name: String,
+    pub examples: usize,
+    pub watermarked_examples: usize,
     pub student: ArmStudent,
 }
 
@@ -154,6 +170,34 @@ fn level_color(level: &str) -> &'static str {
     }
 }
 
+/// A student's unsupervised reading-mode p-values against tokens trained on.
+fn unsupervised_curve(name: &str, color: &'static str, s: &ArmStudent) -> Series {
+    Series {
+        name: format!("{name} – reading, unsupervised"),
+        color,
+        points: s
+            .points
+            .iter()
+            .map(|p| (p.harvest_tokens_trained as f64, nlog10(p.unsupervised_p)))
+            .collect(),
+        dashed: false,
+        dots: true,
+    }
+}
+
+/// −log10 p against harvested tokens trained on, with the p = 1e-3 line.
+fn p_chart(title: &str, series: Vec<Series>) -> String {
+    Chart {
+        title,
+        x_label: "harvested completion tokens processed in training (passes counted)",
+        y_label: "−log10 p",
+        series,
+        vlines: vec![],
+        hline: Some((3.0, "p = 1e-3".into())),
+    }
+    .render()
+}
+
 /// The HTML page.
 pub fn render_html(r: &Report) -> String {
     let mut h = String::new();
@@ -195,10 +239,36 @@ pub fn render_html(r: &Report) -> String {
     h.push_str("<h2>Audits</h2><table><tr><th>student</th><th>trained on</th><th>harvest tokens</th>\
         <th>reading, unsupervised p</th><th>reading, supervised p</th><th>reading p (corrected)</th>\
         <th>black-box p (held-out prompts)</th><th>black-box tuples</th></tr>");
+    let mut rows: Vec<(String, String, u64, &ArmStudent)> = Vec::new();
     for a in &r.arms {
+        let what = if a.arm == Arm::Watermarked {
+            "watermarked teacher output (100%)"
+        } else {
+            "same teacher, watermark off (0%)"
+        };
+        rows.push((
+            a.arm.name().into(),
+            what.into(),
+            a.harvest.completion_tokens,
+            &a.student,
+        ));
+    }
+    for m in &r.mixes {
+        rows.push((
+            m.name.clone(),
+            format!(
+                "{:.1}% watermarked ({} of {} answers)",
+                100.0 * m.watermarked_examples as f64 / m.examples.max(1) as f64,
+                m.watermarked_examples,
+                m.examples
+            ),
+            m.student.response_tokens,
+            &m.student,
+        ));
+    }
+    for (name, what, tokens, s) in rows {
         let v = |n: &str| {
-            a.student
-                .reading
+            s.reading
                 .variants
                 .iter()
                 .find(|v| v.name == n)
@@ -208,18 +278,14 @@ pub fn render_html(r: &Report) -> String {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><b>{}</b></td><td><b>{}</b></td><td>{}</td></tr>",
-            a.arm.name(),
-            if a.arm == Arm::Watermarked {
-                "watermarked teacher output"
-            } else {
-                "same teacher, watermark off"
-            },
-            a.harvest.completion_tokens,
+            esc(&name),
+            esc(&what),
+            tokens,
             v("unsupervised"),
             v("supervised"),
-            p_fmt(a.student.reading.p_value),
-            p_fmt(a.student.black_box.p_value),
-            a.student.black_box.scored_tokens
+            p_fmt(s.reading.p_value),
+            p_fmt(s.black_box.p_value),
+            s.black_box.scored_tokens
         );
     }
     h.push_str("</table>");
@@ -228,18 +294,7 @@ pub fn render_html(r: &Report) -> String {
     let mut series = Vec::new();
     for (a, color) in [(wm, "#c0392b"), (control, "#2471a3")] {
         let Some(a) = a else { continue };
-        series.push(Series {
-            name: format!("{} – reading, unsupervised", a.arm.name()),
-            color,
-            points: a
-                .student
-                .points
-                .iter()
-                .map(|p| (p.harvest_tokens_trained as f64, nlog10(p.unsupervised_p)))
-                .collect(),
-            dashed: false,
-            dots: true,
-        });
+        series.push(unsupervised_curve(a.arm.name(), color, &a.student));
         series.push(Series {
             name: format!("{} – reading, supervised", a.arm.name()),
             color,
@@ -257,17 +312,23 @@ pub fn render_html(r: &Report) -> String {
         });
     }
     h.push_str("<h2>p-value vs harvest tokens trained on</h2>");
-    h.push_str(
-        &Chart {
-            title: "Reading-mode audit after each training stage",
-            x_label: "harvested completion tokens processed in training (passes counted)",
-            y_label: "−log10 p",
+    h.push_str(&p_chart(
+        "Reading-mode audit after each training stage",
+        series,
+    ));
+    if !r.mixes.is_empty() {
+        let palette = ["#e67e22", "#8e44ad", "#16a085", "#7f8c8d"];
+        let series = r
+            .mixes
+            .iter()
+            .enumerate()
+            .map(|(i, m)| unsupervised_curve(&m.name, palette[i % palette.len()], &m.student))
+            .collect();
+        h.push_str(&p_chart(
+            "Mixtures: reading-mode audit after each training stage",
             series,
-            vlines: vec![],
-            hline: Some((3.0, "p = 1e-3".into())),
-        }
-        .render(),
-    );
+        ));
+    }
 
     // Loss curves.
     let mut series = Vec::new();
@@ -310,12 +371,16 @@ pub fn render_html(r: &Report) -> String {
         .render(),
     );
     h.push_str("<table><tr><th>student</th><th>parameters</th><th>examples</th><th>steps</th><th>first loss</th><th>final loss</th><th>tokens/s</th></tr>");
-    for a in &r.arms {
-        let s = &a.student;
+    let students = r
+        .arms
+        .iter()
+        .map(|a| (a.arm.name(), &a.student))
+        .chain(r.mixes.iter().map(|m| (m.name.as_str(), &m.student)));
+    for (name, s) in students {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.0}</td></tr>",
-            a.arm.name(),
+            esc(name),
             s.params,
             s.examples,
             s.steps,
@@ -440,7 +505,7 @@ pub fn render_html(r: &Report) -> String {
         c.total
     );
     h.push_str("<h2>Files</h2><ul><li><code>report.json</code>: every number above</li>\
-        <li><code>watermarked/</code>, <code>control/</code>: harvests (<code>harvest.jsonl</code>), \
+        <li><code>watermarked/</code>, <code>control/</code> (and <code>mix-*/</code>): harvests (<code>harvest.jsonl</code>), \
         students (<code>student/</code>, with <code>train_log.jsonl</code> and <code>loss.png</code>), \
         held-out answers, the teachers' SQLite stores</li></ul></body></html>");
     h

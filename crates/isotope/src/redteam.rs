@@ -95,6 +95,11 @@ pub struct RedteamArgs {
     threads: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Also train students on mixtures with these shares of watermarked answers (the
+    /// rest from the control teacher), e.g. `--mixes 0.25,0.05`: the audit's power vs
+    /// the watermarked share of a training set.
+    #[arg(long, value_delimiter = ',')]
+    mixes: Option<Vec<f64>>,
     /// Print report.json to stdout.
     #[arg(long)]
     json: bool,
@@ -136,7 +141,8 @@ fn merge(a: &RedteamArgs) -> Result<RedteamConfig> {
         audit_texts,
         price_per_million_tokens,
         slots,
-        seed
+        seed,
+        mixes
     );
     if a.flag_threshold.is_some() {
         c.flag_threshold = a.flag_threshold;
@@ -216,6 +222,17 @@ pub fn redteam(a: RedteamArgs) -> Result<()> {
             arm.student.reading.p_value,
             arm.student.black_box.p_value,
             arm.student.final_loss
+        );
+    }
+    for m in &report.mixes {
+        println!(
+            "  {:<12} {} of {} answers watermarked · reading p = {:.3e} · black-box p = {:.3e} · final loss {:.3}",
+            m.name,
+            m.watermarked_examples,
+            m.examples,
+            m.student.reading.p_value,
+            m.student.black_box.p_value,
+            m.student.final_loss
         );
     }
     println!(

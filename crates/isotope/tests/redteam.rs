@@ -77,7 +77,7 @@ fn redteam_tiny_end_to_end_and_resume() {
             ])
             .args(["--epochs", "1", "--seq-len", "96", "--checkpoints", "2"])
             .args(["--audit-texts", "6", "--threads", "1", "--slots", "2"])
-            .args(["--price-per-million-tokens", "2.5"]);
+            .args(["--price-per-million-tokens", "2.5", "--mixes", "0.5"]);
     };
     let mut cmd = isotope();
     args(&mut cmd);
@@ -89,7 +89,12 @@ fn redteam_tiny_end_to_end_and_resume() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert_eq!(html.matches("<svg").count(), 3, "three plots");
+    assert_eq!(
+        html.matches("<svg").count(),
+        4,
+        "four plots (one for the mixture)"
+    );
+    assert!(html.contains("mix-50"), "the mixture has a row");
     assert!(html.contains("h = 1"), "the report states the window");
     let file: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -118,6 +123,33 @@ fn redteam_tiny_end_to_end_and_resume() {
             .collect();
         assert_eq!(names, ["unsupervised", "supervised"]);
     }
+    // The mixture: half the prompts answered by each teacher, same ids as the arms.
+    let mix = &v["mixes"][0];
+    assert_eq!(mix["name"], "mix-50", "{mix}");
+    assert_eq!(mix["examples"], 6, "{mix}");
+    assert_eq!(mix["watermarked_examples"], 3, "{mix}");
+    assert_eq!(mix["student"]["points"].as_array().unwrap().len(), 2);
+    let lines = |arm: &str| -> Vec<Value> {
+        std::fs::read_to_string(out.join(arm).join("harvest.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (wm, ctl, mixed) = (lines("watermarked"), lines("control"), lines("mix-50"));
+    assert_eq!(mixed.len(), 6);
+    let from = |set: &[Value], r: &Value| {
+        set.iter()
+            .any(|x| x["id"] == r["id"] && x["response"] == r["response"])
+    };
+    let n_wm = mixed.iter().filter(|r| from(&wm, r)).count();
+    assert!(mixed.iter().all(|r| from(&wm, r) || from(&ctl, r)));
+    // (A watermarked and a control answer can coincide only if both are identical.)
+    assert!(
+        n_wm >= 3,
+        "{n_wm} of the mixture's answers are the watermarked teacher's"
+    );
+
     // The control student never saw the key: its audits are not significant.
     let control = &v["arms"][1]["student"];
     assert!(
@@ -163,6 +195,17 @@ fn redteam_tiny_end_to_end_and_resume() {
             v["arms"][i]["student"]["reading"]["p_value"]
         );
     }
+    assert_eq!(
+        again["mixes"][0]["student"]["points"],
+        mix["student"]["points"]
+    );
+
+    // Bad input: a mixture share outside (0, 1) is refused before anything runs.
+    let (code, _, stderr) = run(isotope()
+        .args(["redteam", "--mixes", "0.25,1.5", "--out"])
+        .arg(dir.path().join("bad-mix")));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("mix fraction"), "{stderr}");
 
     // Bad input: a missing teacher model is a clear error.
     let (code, _, stderr) = run(isotope()

@@ -153,12 +153,14 @@ fn answers(
     while done < prompts.len() {
         while next < prompts.len() && batcher.has_free_slot() {
             // Every defended point (λ = 0 included) samples from the teacher's top-k
-            // only, as the stage does when λ > 0; otherwise the λ = 0 baseline would
-            // differ from the others by truncation as well as by the defence.
+            // above the plausibility cut only, as the stage does when λ > 0; otherwise
+            // the λ = 0 baseline would differ from the others by truncation as well as
+            // by the defence.
             let params = SamplingParams {
                 temperature: cfg.temperature,
                 seed: cfg.seed.wrapping_add(next as u64),
                 top_k: defence.map_or(0, |(d, _)| d.config().top_k),
+                min_p: defence.map_or(0.0, |(d, _)| d.config().min_p),
                 ..SamplingParams::default()
             };
             let mut sampler = Sampler::new(params, 0);

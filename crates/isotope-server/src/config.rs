@@ -94,6 +94,11 @@ pub struct DefenceSettings {
     pub eps: f64,
     /// Teacher candidates adjusted per step (others are removed when λ > 0).
     pub top_k: usize,
+    /// Plausibility α: candidates below α × the most likely token's probability are
+    /// removed too (λ > 0 only).
+    pub min_p: f32,
+    /// Never make a token more likely that would repeat an n-gram of the answer.
+    pub no_repeat_ngram: usize,
 }
 
 impl Default for DefenceSettings {
@@ -103,6 +108,8 @@ impl Default for DefenceSettings {
             gradient: None,
             eps: 1e-2,
             top_k: 32,
+            min_p: 0.0,
+            no_repeat_ngram: 3,
         }
     }
 }

@@ -470,6 +470,8 @@ pub async fn serve(
                         lambda: 1.0,
                         eps: d.eps,
                         top_k: d.top_k,
+                        min_p: d.min_p,
+                        no_repeat_ngram: d.no_repeat_ngram,
                     };
                     Some(
                         isotope_defence::antidistill_for_teacher(&model, proxy, grad, cfg)

@@ -49,6 +49,14 @@ pub struct AntidistillArgs {
     /// Teacher candidates adjusted per step (the others are removed when λ > 0).
     #[arg(long, default_value_t = 32)]
     pub antidistill_top_k: usize,
+    /// Plausibility α: candidates below α × the most likely one's probability are
+    /// removed too when λ > 0 (0, the default, keeps the whole top-k).
+    #[arg(long, default_value_t = 0.0)]
+    pub antidistill_min_p: f32,
+    /// Never make a token more likely that would repeat an n-gram of this length
+    /// already in the answer (0: off).
+    #[arg(long, default_value_t = 3)]
+    pub antidistill_no_repeat_ngram: usize,
 }
 
 impl AntidistillArgs {
@@ -57,6 +65,8 @@ impl AntidistillArgs {
             lambda: self.antidistill_lambda,
             eps: self.antidistill_eps,
             top_k: self.antidistill_top_k,
+            min_p: self.antidistill_min_p,
+            no_repeat_ngram: self.antidistill_no_repeat_ngram,
         }
     }
 

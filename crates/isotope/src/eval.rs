@@ -55,6 +55,12 @@ struct DefencesArgs {
     antidistill_eps: f64,
     #[arg(long, default_value_t = 32)]
     antidistill_top_k: usize,
+    /// Plausibility α of the defence (see `isotope generate --help`).
+    #[arg(long, default_value_t = 0.0)]
+    antidistill_min_p: f32,
+    /// n of the defence's no-boosted-repeats guard (0: off).
+    #[arg(long, default_value_t = 3)]
+    antidistill_no_repeat_ngram: usize,
     /// Prompts answered (and trained on) per λ.
     #[arg(long, default_value_t = 16)]
     train_prompts: usize,
@@ -112,6 +118,8 @@ fn defences(a: DefencesArgs) -> Result<()> {
         antidistill_lambda: 1.0,
         antidistill_eps: a.antidistill_eps,
         antidistill_top_k: a.antidistill_top_k,
+        antidistill_min_p: a.antidistill_min_p,
+        antidistill_no_repeat_ngram: a.antidistill_no_repeat_ngram,
     };
     let defence = ad.build(&model)?.expect("proxy given");
     let (init_path, init_name) = match &a.student_init {

@@ -69,6 +69,6 @@ pub use plot::loss_png;
 pub use teacher::{eval_own_samples, OnPolicy, OwnSampleEval, Teacher, TeacherError};
 pub use tokenizer::{chatml_prompt, StudentTokenizer, CHATML_END, TOKENIZER_FILE};
 pub use train::{
-    measure_tokens_per_sec, read_train_log, train, train_with_teacher, LogEntry, Progress,
-    TrainConfig, TrainReport, CHECKPOINT_DIR, LOG_FILE, LOSS_PNG, STATE_FILE,
+    measure_tokens_per_sec, read_train_log, shuffled_order, train, train_with_teacher, LogEntry,
+    Progress, TrainConfig, TrainReport, CHECKPOINT_DIR, LOG_FILE, LOSS_PNG, STATE_FILE,
 };

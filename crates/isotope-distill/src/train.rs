@@ -267,10 +267,11 @@ fn fingerprint(data: &Dataset) -> String {
     format!("{h:016x}")
 }
 
-/// The data order of `epoch`: a Fisher–Yates shuffle from a stream of `(seed, epoch)`.
-fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+/// A permutation of `0..n`: a Fisher–Yates shuffle from the ChaCha8 stream
+/// `(seed, stream)`. The trainer's data order of epoch `e` is `shuffled_order(seed, e, n)`.
+pub fn shuffled_order(seed: u64, stream: usize, n: usize) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(epoch as u64);
+    rng.set_stream(stream as u64);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
@@ -521,7 +522,7 @@ pub fn train_with_teacher(
         let epoch = state.step / per_epoch;
         let bi = state.step % per_epoch;
         if order.as_ref().map(|o| o.0) != Some(epoch) {
-            order = Some((epoch, epoch_order(cfg.seed, epoch, n)));
+            order = Some((epoch, shuffled_order(cfg.seed, epoch, n)));
         }
         let idx = &order.as_ref().expect("set above").1;
         let batch: Vec<&Sequence<'_>> = idx

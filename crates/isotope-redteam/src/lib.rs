@@ -820,7 +820,6 @@ fn mix_name(fraction: f64) -> String {
 /// are a subset of a larger one's (the mixtures differ only in what they add). Returns
 /// (examples, watermarked examples).
 fn write_mix(cfg: &RedteamConfig, fraction: f64, name: &str) -> Result<(usize, usize)> {
-    use rand_core::{RngCore, SeedableRng};
     let wm = read_records(&cfg.out.join(Arm::Watermarked.name()).join("harvest.jsonl"))?;
     let control: HashMap<String, HarvestRecord> =
         read_records(&cfg.out.join(Arm::Control.name()).join("harvest.jsonl"))?
@@ -834,11 +833,7 @@ fn write_mix(cfg: &RedteamConfig, fraction: f64, name: &str) -> Result<(usize, u
     // Harvest order depends on which request finished first; sort by id first so the
     // permutation, and so the mixture, is a function of the seed alone.
     pairs.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7865_735f_7631);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    for i in (1..order.len()).rev() {
-        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
+    let order = isotope_distill::shuffled_order(cfg.seed ^ 0x6d69_7865_735f_7631, 0, pairs.len());
     let take = (fraction * pairs.len() as f64).round() as usize;
     let mut from_wm = vec![false; pairs.len()];
     for &i in order.iter().take(take) {

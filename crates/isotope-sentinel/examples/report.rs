@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use isotope_sentinel::{bench, evaluate, leave_one_out, simulate, train, Scenario, TrainConfig};
+use isotope_sentinel::{
+    bench, evaluate, leave_one_out, simulate, train, Embedder, HashedEmbedder, Scenario,
+    TrainConfig,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -15,7 +18,8 @@ fn main() {
         scenario: Scenario::training().scaled(scale),
         ..TrainConfig::default()
     };
-    let model = Arc::new(train(&tc).expect("train"));
+    let emb: Arc<dyn Embedder> = Arc::new(HashedEmbedder::default());
+    let model = Arc::new(train(&tc, &emb).expect("train"));
     eprintln!("trained in {:.1}s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let sim = simulate(&Scenario::default_mixed().scaled(scale), seed).expect("simulate");
@@ -25,14 +29,14 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let t = Instant::now();
-    let report = evaluate(&sim.events, &sim.labels, model.clone());
+    let report = evaluate(&sim.events, &sim.labels, model.clone(), &emb).expect("evaluate");
     eprintln!("evaluated in {:.1}s", t.elapsed().as_secs_f64());
     let loo = if std::env::var_os("NO_LOO").is_none() {
-        Some(leave_one_out(&tc, &sim).expect("loo"))
+        Some(leave_one_out(&tc, &emb, &sim).expect("loo"))
     } else {
         None
     };
-    let b = bench(&sim.events, model.clone());
+    let b = bench(&sim.events, model.clone(), &emb).expect("bench");
     let weights: Vec<(String, f64)> = model
         .features
         .iter()

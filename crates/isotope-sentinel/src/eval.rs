@@ -20,7 +20,7 @@ use std::time::Instant;
 use isotope_store::UsageEvent;
 use serde::{Deserialize, Serialize};
 
-use crate::embed::{quantize, Embedder, HashedEmbedder};
+use crate::embed::{quantize, Embedder};
 use crate::features::monotone_mask;
 use crate::features::{Features, Reference};
 use crate::model::{fit_logistic_monotone, logit, sigmoid, Level, Model, Thresholds, L2};
@@ -76,6 +76,25 @@ fn one() -> f64 {
     1.0
 }
 
+impl TrainConfig {
+    /// The fitting and the calibration simulations (deterministic: training runs
+    /// them again, so a caller may run them first, e.g. to embed their prompts with a
+    /// progress bar).
+    pub fn simulations(&self) -> Result<(Simulated, Simulated), SimError> {
+        let scaled = |f: f64| {
+            if f == 1.0 {
+                self.scenario.clone()
+            } else {
+                self.scenario.clone().scaled(f)
+            }
+        };
+        Ok((
+            simulate(&scaled(self.fit_scale), self.fit_seed)?,
+            simulate(&scaled(self.calib_scale), self.calib_seed)?,
+        ))
+    }
+}
+
 /// Benign prompts of a simulation, embedded: the MMD reference. Taken from the
 /// *fitting* simulation only, every k-th benign prompt.
 pub fn build_reference(sim: &Simulated, embedder: &dyn Embedder, size: usize) -> Reference {
@@ -99,18 +118,48 @@ pub fn build_reference(sim: &Simulated, embedder: &dyn Embedder, size: usize) ->
     Reference::new(vectors)
 }
 
+/// The distinct new user texts of `events` (what the sentinel embeds).
+pub fn prompt_texts(events: &[UsageEvent]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .filter_map(|e| crate::text::new_user_text(e.prompt_text.as_deref()))
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
+}
+
+/// Embeds every distinct prompt of `events` ahead of a replay, in batches
+/// ([`Embedder::prepare`]); `progress(texts done)` after each batch. A replay does it
+/// itself; call it first only to show progress.
+pub fn prepare_embeddings(
+    events: &[UsageEvent],
+    embedder: &dyn Embedder,
+    progress: &dyn Fn(usize),
+) {
+    let texts = prompt_texts(events);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    embedder.prepare(&refs, progress);
+}
+
 /// Replays events through a recording sentinel and returns its snapshots.
-pub fn replay(events: &[UsageEvent], model: Arc<Model>) -> Vec<Snapshot> {
-    replay_with(events, model, &mut |_| {})
+pub fn replay(
+    events: &[UsageEvent],
+    model: Arc<Model>,
+    embedder: &Arc<dyn Embedder>,
+) -> Result<Vec<Snapshot>, String> {
+    replay_with(events, model, embedder, &mut |_| {})
 }
 
 /// [`replay`], calling `progress(events done)` every 4,096 events (progress bars).
 pub fn replay_with(
     events: &[UsageEvent],
     model: Arc<Model>,
+    embedder: &Arc<dyn Embedder>,
     progress: &mut dyn FnMut(usize),
-) -> Vec<Snapshot> {
-    let mut s = Sentinel::new(SentinelConfig::with_model(model));
+) -> Result<Vec<Snapshot>, String> {
+    let cfg = SentinelConfig::new(model, embedder.clone())?;
+    prepare_embeddings(events, &**embedder, &|_| {});
+    let mut s = Sentinel::new(cfg);
     s.record_snapshots();
     for (i, e) in events.iter().enumerate() {
         s.observe(e);
@@ -119,7 +168,7 @@ pub fn replay_with(
         }
     }
     progress(events.len());
-    s.take_snapshots()
+    Ok(s.take_snapshots())
 }
 
 struct Prepared {
@@ -131,21 +180,12 @@ struct Prepared {
     embedder: String,
 }
 
-fn prepare(tc: &TrainConfig) -> Result<Prepared, SimError> {
-    let embedder = HashedEmbedder::default();
-    let scaled = |f: f64| {
-        if f == 1.0 {
-            tc.scenario.clone()
-        } else {
-            tc.scenario.clone().scaled(f)
-        }
-    };
-    let fit_sim = simulate(&scaled(tc.fit_scale), tc.fit_seed)?;
-    let reference = build_reference(&fit_sim, &embedder, 64);
+fn prepare(tc: &TrainConfig, embedder: &Arc<dyn Embedder>) -> Result<Prepared, TrainError> {
+    let (fit_sim, cal_sim) = tc.simulations()?;
+    let reference = build_reference(&fit_sim, &**embedder, 64);
     let base = Arc::new(Model::untrained(embedder.name(), reference.clone()));
-    let fit = replay(&fit_sim.events, base.clone());
-    let cal_sim = simulate(&scaled(tc.calib_scale), tc.calib_seed)?;
-    let cal = replay(&cal_sim.events, base);
+    let fit = replay(&fit_sim.events, base.clone(), embedder).map_err(TrainError::Embedder)?;
+    let cal = replay(&cal_sim.events, base, embedder).map_err(TrainError::Embedder)?;
     Ok(Prepared {
         fit,
         fit_labels: fit_sim.labels,
@@ -218,9 +258,21 @@ fn fit(p: &Prepared, tc: &TrainConfig, exclude: Option<&str>) -> Model {
     model
 }
 
-/// Trains a model (see [`TrainConfig`]).
-pub fn train(tc: &TrainConfig) -> Result<Model, SimError> {
-    Ok(fit(&prepare(tc)?, tc, None))
+/// Why training failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The scenario does not simulate.
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    /// The embedder does not fit the model (or the events).
+    #[error("{0}")]
+    Embedder(String),
+}
+
+/// Trains a model (see [`TrainConfig`]) on prompt vectors from `embedder`, which the
+/// model then requires.
+pub fn train(tc: &TrainConfig, embedder: &Arc<dyn Embedder>) -> Result<Model, TrainError> {
+    Ok(fit(&prepare(tc, embedder)?, tc, None))
 }
 
 /// The built-in model as JSON: what `train(&TrainConfig::default())` produces,
@@ -414,8 +466,9 @@ pub fn evaluate(
     events: &[UsageEvent],
     labels: &BTreeMap<i64, String>,
     model: Arc<Model>,
-) -> EvalReport {
-    evaluate_with(events, labels, model, &mut |_| {})
+    embedder: &Arc<dyn Embedder>,
+) -> Result<EvalReport, String> {
+    evaluate_with(events, labels, model, embedder, &mut |_| {})
 }
 
 /// [`evaluate`] with a progress callback (see [`replay_with`]).
@@ -423,10 +476,11 @@ pub fn evaluate_with(
     events: &[UsageEvent],
     labels: &BTreeMap<i64, String>,
     model: Arc<Model>,
+    embedder: &Arc<dyn Embedder>,
     progress: &mut dyn FnMut(usize),
-) -> EvalReport {
-    let snaps = replay_with(events, model.clone(), progress);
-    report(&model, &snaps, labels, events.len())
+) -> Result<EvalReport, String> {
+    let snaps = replay_with(events, model.clone(), embedder, progress)?;
+    Ok(report(&model, &snaps, labels, events.len()))
 }
 
 /// One held-out strategy.
@@ -463,10 +517,14 @@ pub struct LooReport {
 
 /// For each strategy S: train and calibrate without S's accounts, evaluate on S (and
 /// on benign) in `eval` traffic.
-pub fn leave_one_out(tc: &TrainConfig, eval: &Simulated) -> Result<LooReport, SimError> {
-    let p = prepare(tc)?;
+pub fn leave_one_out(
+    tc: &TrainConfig,
+    embedder: &Arc<dyn Embedder>,
+    eval: &Simulated,
+) -> Result<LooReport, TrainError> {
+    let p = prepare(tc, embedder)?;
     let base = Arc::new(Model::untrained(p.embedder.clone(), p.reference.clone()));
-    let snaps = replay(&eval.events, base);
+    let snaps = replay(&eval.events, base, embedder).map_err(TrainError::Embedder)?;
     let strategies: std::collections::BTreeSet<&String> = eval
         .labels
         .values()
@@ -512,11 +570,18 @@ pub struct BenchReport {
     pub assess_all_seconds: f64,
     /// Mean bytes per account (sketches plus shared linker indexes).
     pub bytes_per_account: f64,
+    /// The prompt embedder (its cache is not counted per account).
+    pub embedder: String,
 }
 
-/// Measures `observe` throughput on one core and memory per account.
-pub fn bench(events: &[UsageEvent], model: Arc<Model>) -> BenchReport {
-    let mut s = Sentinel::new(SentinelConfig::with_model(model));
+/// Measures `observe` throughput on one core and memory per account. Embedding is
+/// part of `observe` and is measured cold (nothing prepared), as a server meets it.
+pub fn bench(
+    events: &[UsageEvent],
+    model: Arc<Model>,
+    embedder: &Arc<dyn Embedder>,
+) -> Result<BenchReport, String> {
+    let mut s = Sentinel::new(SentinelConfig::new(model, embedder.clone())?);
     let start = Instant::now();
     let mut rescored = 0;
     for e in events {
@@ -526,19 +591,21 @@ pub fn bench(events: &[UsageEvent], model: Arc<Model>) -> BenchReport {
     let t = Instant::now();
     let now = events.last().map(|e| e.created_at_ms).unwrap_or(0);
     let _ = s.assess(now);
-    BenchReport {
+    Ok(BenchReport {
         events: events.len(),
         accounts: s.accounts(),
         rescored,
         events_per_sec_per_core: events.len() as f64 / secs.max(1e-9),
         assess_all_seconds: t.elapsed().as_secs_f64(),
         bytes_per_account: s.bytes_per_account(),
-    }
+        embedder: s.embedder_name(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::embed::HashedEmbedder;
     use crate::features::FEATURE_NAMES;
 
     #[test]
@@ -558,7 +625,8 @@ mod tests {
             scenario: Scenario::training().scaled(0.05),
             ..TrainConfig::default()
         };
-        let p = prepare(&tc).unwrap();
+        let emb: Arc<dyn Embedder> = Arc::new(HashedEmbedder::default());
+        let p = prepare(&tc, &emb).unwrap();
         let all = fit(&p, &tc, None);
         // excluding a label nobody has changes nothing; excluding a real one does
         assert_eq!(all.weights, fit(&p, &tc, Some("no_such_strategy")).weights);
@@ -568,7 +636,7 @@ mod tests {
         without.validate().unwrap();
 
         let ev = simulate(&Scenario::default_mixed().scaled(0.05), 11).unwrap();
-        let r = leave_one_out(&tc, &ev).unwrap();
+        let r = leave_one_out(&tc, &emb, &ev).unwrap();
         let mut expect: Vec<&str> = ev
             .labels
             .values()

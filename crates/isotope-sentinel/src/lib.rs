@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod embed;
 pub mod eval;
 pub mod features;
+pub mod minilm;
 pub mod model;
 pub mod sentinel;
 pub mod sim;
@@ -24,9 +25,10 @@ pub mod text;
 
 pub use embed::{Embedder, HashedEmbedder};
 pub use eval::{
-    bench, default_model, evaluate, evaluate_with, leave_one_out, train, BenchReport, EvalReport,
-    LooReport, StrategyReport, TrainConfig,
+    bench, default_model, evaluate, evaluate_with, leave_one_out, prepare_embeddings, train,
+    BenchReport, EvalReport, LooReport, StrategyReport, TrainConfig, TrainError,
 };
+pub use minilm::{embedder_for, EmbedderKind, MiniLmEmbedder, MiniLmError};
 pub use model::{Level, Model, Reason, Thresholds};
 pub use sentinel::{Assessment, Sentinel, SentinelConfig};
 pub use sim::{simulate, LabelledEvent, Scenario, SimError, Simulated, Strategy};

@@ -29,14 +29,29 @@ pub struct SentinelConfig {
 }
 
 impl SentinelConfig {
-    /// Default sketches and linking with this model and the default embedder.
-    pub fn with_model(model: Arc<Model>) -> Self {
-        SentinelConfig {
+    /// Default sketches and linking with this model and embedder. Refuses an
+    /// embedder other than the one the model was trained with (its vectors would be
+    /// meaningless to the model's reference and weights).
+    pub fn new(model: Arc<Model>, embedder: Arc<dyn Embedder>) -> Result<Self, String> {
+        if embedder.name() != model.embedder {
+            return Err(format!(
+                "the sentinel model was trained with embedder {:?}, not {:?}",
+                model.embedder,
+                embedder.name()
+            ));
+        }
+        Ok(SentinelConfig {
             sketch: SketchConfig::default(),
             link: LinkConfig::default(),
             model,
-            embedder: Arc::new(HashedEmbedder::default()),
-        }
+            embedder,
+        })
+    }
+
+    /// [`SentinelConfig::new`] with the [`HashedEmbedder`], for models trained with it
+    /// (the built-in one). Panics if the model wants another embedder: use `new`.
+    pub fn with_model(model: Arc<Model>) -> Self {
+        Self::new(model, Arc::new(HashedEmbedder::default())).expect("a hashed-embedder model")
     }
 }
 
@@ -127,6 +142,11 @@ impl Sentinel {
     /// The snapshots recorded so far.
     pub fn take_snapshots(&mut self) -> Vec<Snapshot> {
         self.record.take().unwrap_or_default()
+    }
+
+    /// Name of the prompt embedder in use.
+    pub fn embedder_name(&self) -> String {
+        self.cfg.embedder.name()
     }
 
     /// The model in use.

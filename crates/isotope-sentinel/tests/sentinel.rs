@@ -5,8 +5,14 @@
 use std::sync::Arc;
 
 use isotope_sentinel::{
-    evaluate, simulate, train, Level, Scenario, Sentinel, SentinelConfig, Simulated, TrainConfig,
+    evaluate, simulate, train, Embedder, HashedEmbedder, Level, Scenario, Sentinel, SentinelConfig,
+    Simulated, TrainConfig,
 };
+
+/// The built-in model's embedder.
+fn hashed() -> Arc<dyn Embedder> {
+    Arc::new(HashedEmbedder::default())
+}
 
 /// The shipped (embedded) model on a seed and prompt split it never saw. (A model
 /// re-trained here on a quarter of the traffic would calibrate its 0.1% threshold on
@@ -17,7 +23,7 @@ fn held_out_seed_and_split_separates_harvesting_from_benign() {
     let model = isotope_sentinel::default_model().expect("built-in model");
     // evaluation: another seed and the disjoint prompt split
     let sim = simulate(&Scenario::default_mixed().scaled(0.25), 2024).expect("simulate");
-    let r = evaluate(&sim.events, &sim.labels, model);
+    let r = evaluate(&sim.events, &sim.labels, model, &hashed()).unwrap();
     eprintln!(
         "tpr {:.3} fpr {:.4} (≤{:.4}) auc {:?} rtf {:?}",
         r.tpr, r.fpr, r.fpr_upper95, r.auc, r.median_requests_until_flagged
@@ -87,10 +93,13 @@ fn events_file_round_trips() {
 #[test]
 fn online_api_levels_and_assess() {
     let model = Arc::new(
-        train(&TrainConfig {
-            scenario: Scenario::training().scaled(0.1),
-            ..TrainConfig::default()
-        })
+        train(
+            &TrainConfig {
+                scenario: Scenario::training().scaled(0.1),
+                ..TrainConfig::default()
+            },
+            &hashed(),
+        )
         .unwrap(),
     );
     let sim = simulate(&Scenario::default_mixed().scaled(0.1), 99).unwrap();
@@ -121,7 +130,7 @@ fn online_api_levels_and_assess() {
 #[test]
 fn embedded_model_is_what_the_training_recipe_produces() {
     let embedded = isotope_sentinel::default_model().expect("embedded model");
-    let fresh = train(&TrainConfig::default()).expect("train");
+    let fresh = train(&TrainConfig::default(), &hashed()).expect("train");
     assert_eq!(embedded.features, fresh.features);
     assert_eq!(embedded.trained_on, fresh.trained_on);
     let close = |a: &[f64], b: &[f64]| {

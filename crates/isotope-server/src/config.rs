@@ -140,6 +140,8 @@ pub struct SentinelSettings {
     pub queue: usize,
     /// Level changes at or above this level (or down from it) create alerts.
     pub alert_level: Level,
+    /// all-MiniLM-L6-v2 directory, read when the model uses the `minilm` embedder.
+    pub minilm_dir: PathBuf,
 }
 
 impl Default for SentinelSettings {
@@ -154,6 +156,7 @@ impl Default for SentinelSettings {
             webhook_retries: 3,
             queue: 16_384,
             alert_level: Level::Flag,
+            minilm_dir: PathBuf::from(isotope_sentinel::minilm::DEFAULT_DIR),
         }
     }
 }

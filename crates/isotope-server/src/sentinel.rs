@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use isotope_sentinel::{Assessment, Model, Sentinel, SentinelConfig, Thresholds};
+use isotope_sentinel::{Assessment, Embedder, Model, Sentinel, SentinelConfig, Thresholds};
 use isotope_store::{Alert, Level, Store, UsageEvent};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -112,7 +112,7 @@ pub fn check_settings(settings: &SentinelSettings) -> anyhow::Result<()> {
 /// and leaves the sentinel off; requests are never affected.
 pub fn spawn(
     worker: SentinelWorker,
-    model: Option<Arc<Model>>,
+    model: Option<Loaded>,
     settings: SentinelSettings,
     store: Arc<dyn Store>,
     started_at_ms: i64,
@@ -146,9 +146,20 @@ pub fn spawn(
     });
 }
 
-/// Loads the configured sentinel model (or trains the built-in one) and applies the
-/// configured overrides. Blocking: call it off the async runtime.
-pub fn load_model(settings: &SentinelSettings) -> anyhow::Result<Arc<Model>> {
+/// A sentinel model and the prompt embedder it was trained with.
+#[derive(Clone)]
+pub struct Loaded {
+    /// The model, with the configured overrides applied.
+    pub model: Arc<Model>,
+    /// Its embedder (the model refuses any other).
+    pub embedder: Arc<dyn Embedder>,
+}
+
+/// Loads the configured sentinel model (or the built-in one), applies the configured
+/// overrides and loads the embedder it needs (all-MiniLM-L6-v2 from
+/// `sentinel.minilm_dir` for a model trained with it). Blocking: call it off the async
+/// runtime.
+pub fn load_model(settings: &SentinelSettings) -> anyhow::Result<Loaded> {
     use anyhow::Context;
     check_settings(settings)?;
     let mut model = match &settings.model {
@@ -170,7 +181,13 @@ pub fn load_model(settings: &SentinelSettings) -> anyhow::Result<Arc<Model>> {
     if let Some(n) = settings.min_requests {
         model.min_requests = n;
     }
-    Ok(Arc::new(model))
+    let embedder = isotope_sentinel::embedder_for(&model, &settings.minilm_dir)
+        .map_err(anyhow::Error::msg)
+        .context("sentinel prompt embedder")?;
+    Ok(Loaded {
+        model: Arc::new(model),
+        embedder,
+    })
 }
 
 impl SentinelWorker {
@@ -178,7 +195,7 @@ impl SentinelWorker {
     /// webhook calls run on `rt`; scoring runs on the thread.
     pub fn start(
         self,
-        model: Arc<Model>,
+        loaded: Loaded,
         settings: SentinelSettings,
         store: Arc<dyn Store>,
         started_at_ms: i64,
@@ -193,7 +210,10 @@ impl SentinelWorker {
             retries: settings.webhook_retries,
         });
         let mut w = Worker {
-            sentinel: Sentinel::new(SentinelConfig::with_model(model)),
+            sentinel: Sentinel::new(
+                SentinelConfig::new(loaded.model, loaded.embedder)
+                    .map_err(std::io::Error::other)?,
+            ),
             shared: self.shared,
             store,
             rt,

@@ -10,6 +10,7 @@ mod loadtest;
 mod redteam;
 mod sentinel;
 mod serve;
+mod simlive;
 mod trace;
 mod watermark;
 

@@ -3,13 +3,15 @@
 //! line); `eval` replays such a file; `score` replays a live store's usage events.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use isotope_sentinel::{Model, Scenario, Sentinel, SentinelConfig, Simulated};
+use isotope_sentinel::{
+    embedder_for, EmbedderKind, Model, Scenario, Sentinel, SentinelConfig, Simulated,
+};
 use serde_json::json;
 
 /// Seed `simulate` uses unless told otherwise: not one the default model was fitted
@@ -20,6 +22,10 @@ pub const DEFAULT_SIM_SEED: u64 = 2024;
 pub struct SentinelArgs {
     #[command(subcommand)]
     command: SentinelCommand,
+    /// all-MiniLM-L6-v2 directory (config.json, tokenizer.json, model.safetensors),
+    /// read when a model uses the `minilm` embedder; `scripts/setup.sh` unpacks it here.
+    #[arg(long, global = true, env = "ISOTOPE_MINILM_DIR", default_value = isotope_sentinel::minilm::DEFAULT_DIR)]
+    minilm_dir: PathBuf,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -39,6 +45,31 @@ enum SentinelCommand {
         /// Multiply every population by this (e.g. 0.1 for a quick run).
         #[arg(long)]
         scale: Option<f64>,
+        /// Also send the events as real requests to this running `isotope serve`
+        /// (e.g. http://127.0.0.1:8080): one account and API key per simulated account
+        /// is created in the server's store (--config/--database-url/--data-dir, as
+        /// for `isotope keys`), and the store's alerts are reported per label after.
+        #[arg(long, value_name = "URL")]
+        send: Option<String>,
+        /// With --send: simulated time runs this many times faster than wall time
+        /// (0: as fast as --concurrency allows).
+        #[arg(long, default_value_t = 60.0, requires = "send")]
+        speed: f64,
+        /// With --send: requests in flight at most.
+        #[arg(long, default_value_t = 4, requires = "send")]
+        concurrency: usize,
+        /// With --send: cap on each request's max_tokens (a real model generates every
+        /// token; simulated answers run to thousands).
+        #[arg(long, default_value_t = 16, requires = "send")]
+        max_tokens: u32,
+        /// With --send: send only the first N events (in time order).
+        #[arg(long, requires = "send")]
+        limit: Option<usize>,
+        /// With --send: model id to request (default: the first in /v1/models).
+        #[arg(long, requires = "send")]
+        send_model: Option<String>,
+        #[command(flatten)]
+        store: crate::serve::ConfigArgs,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -100,18 +131,49 @@ enum SentinelCommand {
         /// Model file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Prompt embedder the model is trained with (and will need): `hashed`
+        /// (n-gram hashing, no files; the built-in model's) or `minilm`
+        /// (all-MiniLM-L6-v2 from --minilm-dir; embeds every simulated prompt once,
+        /// minutes on CPU).
+        #[arg(long, value_enum, default_value_t = Embedder::Hashed)]
+        embedder: Embedder,
     },
 }
 
+/// `--embedder` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Embedder {
+    Hashed,
+    Minilm,
+}
+
 pub fn sentinel(a: SentinelArgs) -> Result<()> {
+    let dir = a.minilm_dir;
     match a.command {
         SentinelCommand::Simulate {
             scenario,
             out,
             seed,
             scale,
+            send,
+            speed,
+            concurrency,
+            max_tokens,
+            limit,
+            send_model,
+            store,
             json,
-        } => simulate(scenario, out, seed, scale, json),
+        } => {
+            let live = send.map(|url| crate::simlive::Live {
+                url,
+                speed,
+                concurrency,
+                max_tokens,
+                limit,
+                model: send_model,
+            });
+            simulate(scenario, out, seed, scale, live.map(|l| (l, store)), json)
+        }
         SentinelCommand::Eval {
             events,
             model,
@@ -119,9 +181,9 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
             json,
         } => {
             if leave_one_out {
-                loo(events, json)
+                loo(events, &dir, json)
             } else {
-                eval(events, model, json)
+                eval(events, model, &dir, json)
             }
         }
         SentinelCommand::Bench {
@@ -129,16 +191,29 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
             scale,
             model,
             json,
-        } => bench(events, scale, model, json),
+        } => bench(events, scale, model, &dir, json),
         SentinelCommand::Score {
             db,
             model,
             top,
             json,
-        } => score(db, model, top, json),
-        SentinelCommand::Train { out } => {
+        } => score(db, model, &dir, top, json),
+        SentinelCommand::Train { out, embedder } => {
+            let kind = match embedder {
+                Embedder::Hashed => EmbedderKind::Hashed,
+                Embedder::Minilm => EmbedderKind::Minilm,
+            };
+            let emb = kind.load(&dir).context("loading the prompt embedder")?;
+            let tc = isotope_sentinel::TrainConfig::default();
+            if kind != EmbedderKind::Hashed {
+                // embed the training traffic's prompts first, with a progress bar
+                let (fit, cal) = tc.simulations().context("simulating")?;
+                let mut events = fit.events;
+                events.extend(cal.events);
+                prepare_embeddings(&events, &emb);
+            }
             let bar = spinner("training the sentinel model on simulated traffic");
-            let model = isotope_sentinel::train(&isotope_sentinel::TrainConfig::default());
+            let model = isotope_sentinel::train(&tc, &emb);
             bar.finish_and_clear();
             let model = model.context("training")?;
             let mut text = serde_json::to_string(&model).context("serialising the model")?;
@@ -177,6 +252,22 @@ fn load_model(path: Option<PathBuf>) -> Result<Arc<Model>> {
     }
 }
 
+/// Embeds every distinct prompt of `events` up front, with a progress bar (a model
+/// embedder takes milliseconds per prompt; the hashed one needs nothing).
+fn prepare_embeddings(
+    events: &[isotope_store::UsageEvent],
+    emb: &Arc<dyn isotope_sentinel::Embedder>,
+) {
+    if EmbedderKind::of_name(&emb.name()) == Some(EmbedderKind::Hashed) {
+        return;
+    }
+    let texts = isotope_sentinel::eval::prompt_texts(events);
+    let pb = bar(texts.len(), "prompts embedded");
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    emb.prepare(&refs, &|n| pb.inc(n as u64));
+    pb.finish_and_clear();
+}
+
 fn bar(len: usize, what: &str) -> ProgressBar {
     ProgressBar::new(len as u64).with_style(
         ProgressStyle::with_template(&format!(
@@ -191,6 +282,7 @@ fn simulate(
     out: PathBuf,
     seed: u64,
     scale: Option<f64>,
+    live: Option<(crate::simlive::Live, crate::serve::ConfigArgs)>,
     json: bool,
 ) -> Result<()> {
     let mut sc = match &scenario {
@@ -218,6 +310,19 @@ fn simulate(
     for l in sim.labels.values() {
         *per_label.entry(l.as_str()).or_default() += 1;
     }
+    let sim_seconds = t.elapsed().as_secs_f64();
+    let report = match live {
+        Some((live, cfg)) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            Some(rt.block_on(async {
+                let store = cfg.open_store().await?;
+                let r = crate::simlive::send(&sim, store.clone(), &live).await;
+                store.close().await;
+                r
+            })?)
+        }
+        None => None,
+    };
     if json {
         println!(
             "{}",
@@ -228,7 +333,8 @@ fn simulate(
                 "events": sim.events.len(),
                 "accounts": sim.labels.len(),
                 "accounts_per_label": per_label,
-                "seconds": t.elapsed().as_secs_f64(),
+                "seconds": sim_seconds,
+                "live": report,
             })
         );
     } else {
@@ -241,6 +347,29 @@ fn simulate(
         );
         for (l, n) in per_label {
             println!("  {l:<12} {n:>6} accounts");
+        }
+        if let Some(r) = report {
+            println!(
+                "sent {} requests to {} ({}) in {:.1} s:",
+                r.requests, r.url, r.model, r.seconds
+            );
+            println!(
+                "  {:<12} {:>8} {:>8} {:>6} {:>6} {:>7} {:>5} {:>8}",
+                "label", "accounts", "requests", "2xx", "429", "403", "other", "flagged"
+            );
+            for (l, o) in &r.per_label {
+                println!(
+                    "  {:<12} {:>8} {:>8} {:>6} {:>6} {:>7} {:>5} {:>8}",
+                    l,
+                    o.accounts,
+                    o.requests,
+                    o.ok,
+                    o.rate_limited,
+                    o.blocked,
+                    o.other,
+                    o.flagged_accounts
+                );
+            }
         }
     }
     Ok(())
@@ -264,12 +393,14 @@ fn read_events(events: &PathBuf) -> Result<Simulated> {
     Ok(sim)
 }
 
-fn loo(events: PathBuf, json: bool) -> Result<()> {
+fn loo(events: PathBuf, minilm_dir: &Path, json: bool) -> Result<()> {
     let sim = read_events(&events)?;
     let tc = isotope_sentinel::TrainConfig::default();
+    // the built-in recipe with the built-in model's embedder
+    let emb = embedder_for(&*load_model(None)?, minilm_dir).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let bar = spinner("training one model per left-out strategy");
-    let r = isotope_sentinel::leave_one_out(&tc, &sim);
+    let r = isotope_sentinel::leave_one_out(&tc, &emb, &sim);
     bar.finish_and_clear();
     let r = r.context("leave-one-strategy-out")?;
     if json {
@@ -310,6 +441,7 @@ fn bench(
     events: Option<PathBuf>,
     scale: Option<f64>,
     model: Option<PathBuf>,
+    minilm_dir: &Path,
     json: bool,
 ) -> Result<()> {
     let sim = match &events {
@@ -326,35 +458,41 @@ fn bench(
         }
     };
     let model = load_model(model)?;
+    let emb = embedder_for(&model, minilm_dir).map_err(anyhow::Error::msg)?;
     let bar = spinner("scoring events on one core");
-    let r = isotope_sentinel::bench(&sim.events, model);
+    let r = isotope_sentinel::bench(&sim.events, model, &emb);
     bar.finish_and_clear();
+    let r = r.map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_value(&r)?);
         return Ok(());
     }
     println!(
         "{} events from {} accounts on one core: {:.0} events/s (incl. {} re-scores); \
-         re-scoring every account once: {:.3} s; {:.0} bytes per account",
+         re-scoring every account once: {:.3} s; {:.0} bytes per account; embedder {}",
         r.events,
         r.accounts,
         r.events_per_sec_per_core,
         r.rescored,
         r.assess_all_seconds,
-        r.bytes_per_account
+        r.bytes_per_account,
+        r.embedder
     );
     Ok(())
 }
 
-fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
+fn eval(events: PathBuf, model: Option<PathBuf>, minilm_dir: &Path, json: bool) -> Result<()> {
     let sim = read_events(&events)?;
     let model = load_model(model)?;
+    let emb = embedder_for(&model, minilm_dir).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
+    prepare_embeddings(&sim.events, &emb);
     let pb = bar(sim.events.len(), "events");
-    let r = isotope_sentinel::evaluate_with(&sim.events, &sim.labels, model, &mut |n| {
+    let r = isotope_sentinel::evaluate_with(&sim.events, &sim.labels, model, &emb, &mut |n| {
         pb.set_position(n as u64)
     });
     pb.finish_and_clear();
+    let r = r.map_err(anyhow::Error::msg)?;
     let secs = t.elapsed().as_secs_f64();
     if json {
         let mut v = serde_json::to_value(&r)?;
@@ -398,8 +536,15 @@ fn eval(events: PathBuf, model: Option<PathBuf>, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn score(db: String, model: Option<PathBuf>, top: usize, json: bool) -> Result<()> {
+fn score(
+    db: String,
+    model: Option<PathBuf>,
+    minilm_dir: &Path,
+    top: usize,
+    json: bool,
+) -> Result<()> {
     let model = load_model(model)?;
+    let emb = embedder_for(&model, minilm_dir).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let events = rt.block_on(async {
         let store = isotope_store::open(&db)
@@ -420,7 +565,8 @@ fn score(db: String, model: Option<PathBuf>, top: usize, json: bool) -> Result<(
         store.close().await;
         anyhow::Ok(all)
     })?;
-    let mut s = Sentinel::new(SentinelConfig::with_model(model.clone()));
+    prepare_embeddings(&events, &emb);
+    let mut s = Sentinel::new(SentinelConfig::new(model.clone(), emb).map_err(anyhow::Error::msg)?);
     let pb = bar(events.len(), "events scored");
     for (i, e) in events.iter().enumerate() {
         s.observe(e);

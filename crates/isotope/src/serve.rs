@@ -43,7 +43,7 @@ impl ConfigArgs {
         Ok(cfg)
     }
 
-    async fn open_store(&self) -> Result<std::sync::Arc<dyn isotope_store::Store>> {
+    pub(crate) async fn open_store(&self) -> Result<std::sync::Arc<dyn isotope_store::Store>> {
         let cfg = self.file()?;
         let url = cfg.database_url();
         if url.starts_with("sqlite://") {

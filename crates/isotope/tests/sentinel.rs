@@ -512,3 +512,125 @@ fn simulate_then_eval_round_trip() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1") && !err.contains("panicked"), "{err}");
 }
+
+/// `sentinel simulate --send`: the simulated events go to a real server as real
+/// requests, one account and key per simulated account, and what came back is
+/// reported per label; the server's store then holds that traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_sends_its_traffic_to_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let config = dir.path().join("isotope.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = {data:?}\nadmin_token = \"admintest\"\ntrust_forwarded_for = true\n"),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{addr}");
+    let server = spawn_server(&config, &addr);
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "server not healthy in 180 s:\n{}",
+            server.log.lock().unwrap()
+        );
+        if let Ok(r) = http.get(format!("{base}/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let events = dir.path().join("events.jsonl");
+    let limit = 24;
+    let mut cmd = isotope();
+    cmd.args([
+        "sentinel",
+        "simulate",
+        "--json",
+        "--scale",
+        "0.2",
+        "--scenario",
+    ])
+    .arg(workspace().join("examples/sentinel-scenario.toml"))
+    .arg("--out")
+    .arg(&events)
+    .args(["--send", &base, "--speed", "0", "--concurrency", "3"])
+    .args([
+        "--max-tokens",
+        "2",
+        "--limit",
+        &limit.to_string(),
+        "--config",
+    ])
+    .arg(&config);
+    let out = tokio::task::spawn_blocking(move || run_ok(&mut cmd))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let live = &v["live"];
+    assert_eq!(live["requests"], limit, "{v}");
+    // the first `limit` events in time order, from the file the command wrote
+    let mut evs: Vec<Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect();
+    evs.sort_by_key(|e| e["event"]["created_at_ms"].as_i64().unwrap());
+    evs.truncate(limit);
+    let accounts: std::collections::BTreeSet<i64> = evs
+        .iter()
+        .map(|e| e["event"]["account_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        live["accounts"].as_object().unwrap().len(),
+        accounts.len(),
+        "{v}"
+    );
+    let (mut sent, mut ok) = (0, 0);
+    for (label, o) in live["per_label"].as_object().unwrap() {
+        let n = o["requests"].as_u64().unwrap();
+        let parts: u64 = ["ok", "rate_limited", "blocked", "other"]
+            .iter()
+            .map(|k| o[k].as_u64().unwrap())
+            .sum();
+        assert_eq!(parts, n, "{label}: {o}");
+        let want = evs.iter().filter(|e| e["label"] == *label).count() as u64;
+        assert_eq!(n, want, "{label}: {o}");
+        sent += n;
+        ok += o["ok"].as_u64().unwrap();
+    }
+    assert_eq!(sent, limit as u64);
+    assert!(ok >= limit as u64 / 2, "most requests answered: {v}");
+
+    // the server stored the traffic under the new accounts
+    let db = format!("sqlite://{data}/isotope.db");
+    let out = run_ok(isotope().args(["sentinel", "score", "--json", "--db", &db]));
+    let s: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(s["events"].as_u64().unwrap() >= ok, "{s}");
+    assert_eq!(
+        s["accounts"].as_u64().unwrap(),
+        accounts.len() as u64,
+        "{s}"
+    );
+
+    // a server that is not there is a clear error
+    let out = isotope()
+        .args(["sentinel", "simulate", "--scale", "0.05", "--out"])
+        .arg(dir.path().join("x.jsonl"))
+        .args(["--send", "http://127.0.0.1:9", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach") && !err.contains("panicked"),
+        "{err}"
+    );
+    drop(server);
+}

@@ -1,12 +1,15 @@
 //! Full measurement on the default scenario: `cargo run --release -p isotope-sentinel
-//! --example report [-- EVAL_SEED [SCALE]]`. Prints one JSON object.
+//! --example report [-- EVAL_SEED [SCALE]]`. Prints one JSON object. `EMBEDDER=minilm`
+//! (with `ISOTOPE_MINILM_DIR`, default `models/all-MiniLM-L6-v2`) trains and evaluates
+//! on MiniLM prompt vectors instead of hashed n-grams; `NO_LOO=1` skips the
+//! leave-one-strategy-out runs.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use isotope_sentinel::{
-    bench, evaluate, leave_one_out, simulate, train, Embedder, HashedEmbedder, Scenario,
-    TrainConfig,
+    bench, evaluate, leave_one_out, simulate, train, Embedder, HashedEmbedder, MiniLmEmbedder,
+    Scenario, TrainConfig,
 };
 
 fn main() {
@@ -18,7 +21,15 @@ fn main() {
         scenario: Scenario::training().scaled(scale),
         ..TrainConfig::default()
     };
-    let emb: Arc<dyn Embedder> = Arc::new(HashedEmbedder::default());
+    let emb: Arc<dyn Embedder> = match std::env::var("EMBEDDER").as_deref() {
+        Ok("minilm") => {
+            let dir = std::env::var_os("ISOTOPE_MINILM_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| isotope_sentinel::minilm::DEFAULT_DIR.into());
+            Arc::new(MiniLmEmbedder::load(&dir).expect("MiniLM"))
+        }
+        _ => Arc::new(HashedEmbedder::default()),
+    };
     let model = Arc::new(train(&tc, &emb).expect("train"));
     eprintln!("trained in {:.1}s", t.elapsed().as_secs_f64());
     let t = Instant::now();

@@ -136,6 +136,9 @@ pub fn prepare_embeddings(
     embedder: &dyn Embedder,
     progress: &dyn Fn(usize),
 ) {
+    if !embedder.wants_prepare() {
+        return;
+    }
     let texts = prompt_texts(events);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     embedder.prepare(&refs, progress);

@@ -303,6 +303,10 @@ impl Embedder for MiniLmEmbedder {
         }
     }
 
+    fn wants_prepare(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }

@@ -144,6 +144,13 @@ impl Sentinel {
         self.record.take().unwrap_or_default()
     }
 
+    /// Embeds the prompts of a batch of events ahead of [`Sentinel::observe`]ing them
+    /// (a replay, e.g. the server's catch-up from its store): batched, which a model
+    /// embedder does faster than one at a time. Nothing for the hashed embedder.
+    pub fn prepare_embeddings(&self, events: &[UsageEvent]) {
+        crate::eval::prepare_embeddings(events, &*self.cfg.embedder, &|_| {});
+    }
+
     /// Name of the prompt embedder in use.
     pub fn embedder_name(&self) -> String {
         self.cfg.embedder.name()

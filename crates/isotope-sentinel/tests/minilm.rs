@@ -147,6 +147,8 @@ fn embed_is_the_cached_quantised_vector_and_paraphrases_are_close() {
         "{}",
         m.name()
     );
+    // replays batch MiniLM's prompts first; the hashed embedder needs nothing
+    assert!(m.wants_prepare() && !h.wants_prepare());
 }
 
 #[test]

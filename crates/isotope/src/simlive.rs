@@ -157,6 +157,12 @@ pub async fn send(
         bail!("no events to send");
     }
 
+    let label_of = |account: i64| {
+        sim.labels
+            .get(&account)
+            .cloned()
+            .unwrap_or_else(|| "unlabelled".into())
+    };
     // one account and key per simulated account
     let run = isotope_server::auth::now_ms();
     let mut tokens: HashMap<i64, String> = HashMap::new();
@@ -166,11 +172,7 @@ pub async fn send(
         if tokens.contains_key(&e.account_id) {
             continue;
         }
-        let label = sim
-            .labels
-            .get(&e.account_id)
-            .cloned()
-            .unwrap_or_else(|| "unlabelled".into());
+        let label = label_of(e.account_id);
         let name = format!("sim-{run}-{label}-{}", e.account_id);
         let key = store
             .create_api_key(&name, KeyLimits::default())
@@ -231,11 +233,7 @@ pub async fn send(
         if let Some(addr) = &e.client_addr {
             req = req.header("x-forwarded-for", addr);
         }
-        let label = sim
-            .labels
-            .get(&e.account_id)
-            .cloned()
-            .unwrap_or_else(|| "unlabelled".into());
+        let label = label_of(e.account_id);
         let account = e.account_id;
         let pb = pb.clone();
         tasks.push(tokio::spawn(async move {

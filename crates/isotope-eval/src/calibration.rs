@@ -20,10 +20,12 @@
 //! texts and on synthetic repetitive ones (a human sentence repeated), where its
 //! p-values are invalid — which shows the checks above can fail.
 //!
-//! With [`CalibrationOptions::masks`] (one per human text, e.g. from
-//! [`crate::entropy::entropy_mask`]) the per-text, corpus and fresh-key tests are
-//! *entropy-aware*: only the positions a mask keeps are scored. The repetitive texts of
-//! the negative control have no mask and are tested as before.
+//! With [`CalibrationOptions::weights`] (one weight vector per human text, e.g. from
+//! [`crate::entropy::entropy_weights`]) the per-text, corpus and fresh-key tests are
+//! *entropy-aware*: only positions of non-zero weight are scored, each with its weight
+//! (weights 0/1 are a mask; larger ones a weighted test, whose randomised p-value uses
+//! the weighted statistic's own exact tail). The repetitive texts of the negative
+//! control have no weights and are tested as before.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -32,6 +34,7 @@ use std::time::Instant;
 use isotope_engine::Model;
 use isotope_sampling::TokenId;
 use isotope_watermark::stats::{clopper_pearson, ks_uniform, ln_binomial_sf};
+use isotope_watermark::weighted::ln_weighted_binomial_sf;
 use isotope_watermark::{green_threshold, CommonTuples, Detection, Detector, Scheme, WatermarkKey};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -63,11 +66,11 @@ pub struct CalibrationOptions {
     /// Tuples never scored because they are common in (other) human text; `None`
     /// scores every tuple. Applies to every detector run here, the controls included.
     pub common: Option<Arc<CommonTuples>>,
-    /// Positions scored, one mask per human text in the order given to
-    /// [`calibrate_with`] (tokenized as there: no BOS, no special tokens); a text
-    /// without a mask, or a position past its mask's end, is not scored. `None` scores
-    /// every position.
-    pub masks: Option<Arc<Vec<Vec<bool>>>>,
+    /// Position weights, one vector per human text in the order given to
+    /// [`calibrate_with`] (tokenized as there: no BOS, no special tokens); weight 0, a
+    /// text without weights, or a position past its vector's end is not scored.
+    /// `None` scores every position with weight 1.
+    pub weights: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Default for CalibrationOptions {
@@ -83,7 +86,7 @@ impl Default for CalibrationOptions {
             seed: 0x150_7095,
             threads: 0,
             common: None,
-            masks: None,
+            weights: None,
         }
     }
 }
@@ -337,9 +340,15 @@ impl<'a> Recorder<'a> {
             Some((q, scale)) => {
                 // The detector's statistic is hits / (tuples · scale) with an integer
                 // number of hits among `tuples · scale` Bernoulli(q) trials.
+                // A weighted test (`d.weighted`) has its own exact tail.
                 let trials = d.scored_tokens * scale as u64;
                 let hits = (d.statistic * trials as f64).round() as u64;
-                let ln_ge = ln_binomial_sf(hits, trials, q);
+                let sf = |k: u64| match &d.weighted {
+                    Some(w) => ln_weighted_binomial_sf(&w.levels, k, q),
+                    None => ln_binomial_sf(k, trials, q),
+                };
+                let hits = d.weighted.as_ref().map_or(hits, |w| w.observed);
+                let ln_ge = sf(hits);
                 let ln_p = d.log10_p_value * std::f64::consts::LN_10;
                 let diff = (ln_ge - ln_p).abs() / ln_p.abs().max(1.0);
                 if diff.is_finite() {
@@ -348,7 +357,7 @@ impl<'a> Recorder<'a> {
                     self.mismatch = f64::INFINITY;
                 }
                 let ge = d.p_value;
-                let gt = ln_binomial_sf(hits + 1, trials, q).exp();
+                let gt = sf(hits + 1).exp();
                 let u = self.uniform();
                 (gt + u * (ge - gt).max(0.0)).clamp(0.0, 1.0)
             }
@@ -396,18 +405,18 @@ impl Inputs<'_> {
         }
     }
 
-    /// Test human text `i` (masked if masks are given).
+    /// Test human text `i` (weighted if weights are given).
     fn detect(&self, d: &Detector, i: usize) -> Detection {
-        match &self.opts.masks {
-            Some(m) => d.detect_masked(&self.human[i], m.get(i).map_or(&[][..], |v| v)),
+        match &self.opts.weights {
+            Some(w) => d.detect_weighted(&self.human[i], w.get(i).map_or(&[][..], |v| v)),
             None => d.detect(&self.human[i]),
         }
     }
 
-    /// Test corpus `c` as one deduplicated test (masked if masks are given).
+    /// Test corpus `c` as one deduplicated test (weighted if weights are given).
     fn detect_corpus(&self, d: &Detector, c: &[usize]) -> Detection {
-        match &self.opts.masks {
-            Some(m) => d.detect_corpus_masked(c.iter().map(|&i| {
+        match &self.opts.weights {
+            Some(m) => d.detect_corpus_weighted(c.iter().map(|&i| {
                 (
                     self.human[i].as_slice(),
                     m.get(i).map_or(&[][..], |v| v.as_slice()),
@@ -760,6 +769,7 @@ mod tests {
             statistic,
             p_value: ln_p.exp(),
             log10_p_value: ln_p / std::f64::consts::LN_10,
+            weighted: None,
         }
     }
 

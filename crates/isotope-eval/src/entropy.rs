@@ -1,12 +1,13 @@
 //! The model pass of entropy-aware detection: the unwatermarked model's next-token
-//! entropy at every position of a text, and the mask a rule makes of it.
+//! entropy at every position of a text, and the weights (a mask, or integer weights)
+//! a rule makes of it.
 //!
 //! The detector does not know the prompt a text answered, so the model reads the text
 //! after a fixed prefix: the chat template's opening of an assistant turn with no
 //! conversation before it (`<|im_start|>assistant\n` for SmolLM2; the BOS token for a
 //! model without a template). The prefix is the same for every text and every key, so
-//! the mask stays a function of the text alone — the condition for the p-value to stay
-//! exact (`isotope_watermark::Detector::detect_masked`). Texts longer than the model's
+//! the weights stay a function of the text alone — the condition for the p-value to
+//! stay exact (`isotope_watermark::Detector::detect_weighted`). Texts longer than the model's
 //! context are read in consecutive segments, each after the prefix; that too depends
 //! on the text only.
 
@@ -31,16 +32,19 @@ pub struct PositionEntropy {
 impl PositionEntropy {
     /// The value `rule` thresholds.
     pub fn get(&self, rule: &EntropyRule) -> f64 {
-        match rule.measure {
+        match rule.measure() {
             EntropyMeasure::Shannon => self.shannon,
             EntropyMeasure::Spike => self.spike,
         }
     }
 }
 
-/// The mask of `rule` over per-position entropies.
-pub fn rule_mask(rule: &EntropyRule, entropies: &[PositionEntropy]) -> Vec<bool> {
-    entropies.iter().map(|e| rule.keeps(e.get(rule))).collect()
+/// The weights of `rule` over per-position entropies (0/1 for a threshold rule).
+pub fn rule_weights(rule: &EntropyRule, entropies: &[PositionEntropy], scheme: &Scheme) -> Vec<u8> {
+    entropies
+        .iter()
+        .map(|e| rule.weight(e.get(rule), scheme))
+        .collect()
 }
 
 /// The fixed prefix the model reads before every text (see the module docs).
@@ -93,16 +97,16 @@ pub fn token_entropies(
     Ok(out)
 }
 
-/// The mask of `rule` for `tokens` ([`token_entropies`] with [`entropy_prefix`]).
-pub fn entropy_mask(
+/// The weights of `rule` for `tokens` ([`token_entropies`] with [`entropy_prefix`]).
+pub fn entropy_weights(
     model: &Model,
     tokens: &[TokenId],
     rule: &EntropyRule,
     scheme: &Scheme,
     threads: Option<usize>,
-) -> Result<Vec<bool>, EngineError> {
+) -> Result<Vec<u8>, EngineError> {
     let e = token_entropies(model, &entropy_prefix(model), tokens, scheme, threads)?;
-    Ok(rule_mask(rule, &e))
+    Ok(rule_weights(rule, &e, scheme))
 }
 
 /// Entropies of many texts, with the time the model pass took.

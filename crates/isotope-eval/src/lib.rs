@@ -38,7 +38,7 @@ pub use common::{
 };
 pub use data::{default_data_dir, load_human_texts, repetitive_texts, DataError, HumanText};
 pub use entropy::{
-    batch_entropies, entropy_mask, entropy_prefix, rule_mask, token_entropies, EntropyBatch,
+    batch_entropies, entropy_prefix, entropy_weights, rule_weights, token_entropies, EntropyBatch,
     PositionEntropy,
 };
 pub use power::{

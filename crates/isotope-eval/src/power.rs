@@ -43,7 +43,7 @@ use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 
 use crate::data::HumanText;
-use crate::entropy::{batch_entropies, rule_mask, EntropyBatch, PositionEntropy};
+use crate::entropy::{batch_entropies, rule_weights, EntropyBatch, PositionEntropy};
 
 /// Knobs of [`evaluate`].
 #[derive(Clone, Debug)]
@@ -635,7 +635,10 @@ pub fn evaluate(
                                 .zip(es)
                                 .filter(|(r, _)| r.len() >= l)
                                 .map(|(r, e)| {
-                                    detector.detect_masked(&r[..l], &rule_mask(rule, &e[..l]))
+                                    detector.detect_weighted(
+                                        &r[..l],
+                                        &rule_weights(rule, &e[..l], &applied),
+                                    )
                                 })
                                 .collect();
                             Rates::of(&opts.alphas, &ds)
@@ -644,7 +647,10 @@ pub fn evaluate(
                         let (mut kept, mut of) = (0usize, 0usize);
                         for (r, e) in marked.iter().zip(&marked_entropies) {
                             if r.len() >= l && l > h {
-                                kept += rule_mask(rule, &e[h..l]).iter().filter(|&&k| k).count();
+                                kept += rule_weights(rule, &e[h..l], &applied)
+                                    .iter()
+                                    .filter(|&&w| w > 0)
+                                    .count();
                                 of += l - h;
                             }
                         }
@@ -889,6 +895,7 @@ mod tests {
             statistic: 0.0,
             p_value: p,
             log10_p_value: p.log10(),
+            weighted: None,
         };
         let r = Rates::of(&[1e-3], &[d(1e-5), d(0.5), d(1e-4)]);
         assert_eq!(r.tests, 3);

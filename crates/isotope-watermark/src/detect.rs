@@ -28,6 +28,7 @@ use crate::key::WatermarkKey;
 use crate::prf::{green_threshold, is_green};
 use crate::scheme::{gumbel_uniform, self_hash_green, Scheme, Seeding, WindowPrf};
 use crate::stats::{ln_binomial_sf, ln_bonferroni, ln_gamma_sf, ln_to_log10};
+use crate::weighted::{ln_weighted_binomial_sf, WeightLevel};
 
 /// The result of one test.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +49,22 @@ pub struct Detection {
     pub p_value: f64,
     /// log10 of the p-value, exact far below f64's range.
     pub log10_p_value: f64,
+    /// The weighted statistic, when the test weighted its tuples
+    /// ([`Detector::detect_weighted`]) — enough to recompute the p-value with
+    /// [`ln_weighted_binomial_sf`]. Absent for an unweighted test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted: Option<WeightedStatistic>,
+}
+
+/// The statistic of a weighted test: `observed = Σ w · hits` over `levels`, whose
+/// null tail is [`ln_weighted_binomial_sf`]`(levels, observed, p)` with `p` the
+/// scheme's null hit rate (γ′ for KGW/Unigram, ½ for SynthID g-bits).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightedStatistic {
+    /// Trials at each weight (tuples × bits per tuple).
+    pub levels: Vec<WeightLevel>,
+    /// Weighted hit count.
+    pub observed: u64,
 }
 
 /// Running totals of a test, so a corpus of many texts is one test with one shared
@@ -61,9 +78,29 @@ pub struct Tally {
     n: u64,
     common: u64,
     sum: f64,
+    /// `(tuples, sum of values)` scored at each weight (index = weight): the levels
+    /// of a weighted test ([`Detector::detect_weighted`]); index 1 only for an
+    /// unweighted one.
+    by_weight: Vec<(u64, f64)>,
 }
 
 impl Tally {
+    fn add(&mut self, weight: u8, value: f64) {
+        self.n += 1;
+        self.sum += value;
+        let w = usize::from(weight);
+        if self.by_weight.len() <= w {
+            self.by_weight.resize(w + 1, (0, 0.0));
+        }
+        self.by_weight[w].0 += 1;
+        self.by_weight[w].1 += value;
+    }
+
+    /// Whether some tuple was scored with a weight above 1.
+    fn is_weighted(&self) -> bool {
+        self.by_weight.iter().skip(2).any(|&(n, _)| n > 0)
+    }
+
     /// Distinct tuples scored so far.
     pub fn scored(&self) -> u64 {
         self.n
@@ -72,7 +109,13 @@ impl Tally {
     /// Pre-seed the deduplication set with the tuples of `tokens` (e.g. the prompts a
     /// suspect was given) without scoring them.
     pub fn exclude(&mut self, detector: &Detector, tokens: &[u32]) {
-        detector.visit(tokens, None, &mut self.seen, &HashSet::new(), |_, _| {});
+        detector.visit(
+            tokens,
+            Positions::All,
+            &mut self.seen,
+            &HashSet::new(),
+            |_, _, _| {},
+        );
     }
 
     /// Pre-seed the deduplication set with the *windows* of `tokens` (the prompts a
@@ -132,6 +175,27 @@ impl WindowSet {
     }
 }
 
+/// Which positions of a text are scored, and with what integer weight.
+#[derive(Clone, Copy)]
+enum Positions<'a> {
+    /// Every position, weight 1.
+    All,
+    /// `mask[p]` true: weight 1; false or past the end: not scored.
+    Mask(&'a [bool]),
+    /// `weights[p]` (0: not scored; past the end: not scored).
+    Weights(&'a [u8]),
+}
+
+impl Positions<'_> {
+    fn weight(&self, pos: usize) -> u8 {
+        match self {
+            Positions::All => 1,
+            Positions::Mask(m) => u8::from(m.get(pos).copied().unwrap_or(false)),
+            Positions::Weights(w) => w.get(pos).copied().unwrap_or(0),
+        }
+    }
+}
+
 /// A detector for one key and scheme.
 #[derive(Clone)]
 pub struct Detector {
@@ -184,19 +248,21 @@ impl Detector {
         &self.scheme
     }
 
-    /// Calls `f(position, value)` for every scored, first-seen tuple of `tokens`;
-    /// returns how many distinct tuples were left out as common. With a `mask`, a
-    /// position `p` is considered only if `mask[p]` is true (positions past its end are
-    /// not); a masked-out position neither scores nor spends its tuple, so a tuple
-    /// first met at a masked-out position can still be scored where it recurs.
+    /// Calls `f(position, value, weight)` for every scored, first-seen tuple of
+    /// `tokens`; returns how many distinct tuples were left out as common. A position
+    /// of weight 0 under `positions` neither scores nor spends its tuple, so a tuple
+    /// first met there can still be scored where it recurs. Gumbel scores are summed
+    /// unweighted (there is no exact weighted Gamma tail here): any weight above 0
+    /// counts as 1.
     fn visit(
         &self,
         tokens: &[u32],
-        mask: Option<&[bool]>,
+        positions: Positions<'_>,
         seen: &mut HashSet<(u128, u32)>,
         windows: &HashSet<u128>,
-        mut f: impl FnMut(usize, f64),
+        mut f: impl FnMut(usize, f64, u8),
     ) -> u64 {
+        let gumbel = matches!(self.scheme, Scheme::Gumbel { .. });
         let h = self.scheme.context();
         let common = self.active_common();
         let shape = TupleShape::of(&self.scheme);
@@ -205,7 +271,8 @@ impl Detector {
         let mut fixed = matches!(self.scheme, Scheme::Unigram { .. })
             .then(|| WindowPrf::new(&self.scheme, &self.key, &[]));
         for pos in h..tokens.len() {
-            if mask.is_some_and(|m| !m.get(pos).copied().unwrap_or(false)) {
+            let weight = positions.weight(pos);
+            if weight == 0 {
                 continue;
             }
             let token = tokens[pos];
@@ -240,7 +307,7 @@ impl Detector {
                 continue;
             }
             let value = self.value(prf, window, token);
-            f(pos, value);
+            f(pos, value, if gumbel { 1 } else { weight });
         }
         left_out
     }
@@ -331,8 +398,7 @@ impl Detector {
             return PairOutcome::Common;
         }
         let v = self.value(&mut prf, window, candidate);
-        tally.n += 1;
-        tally.sum += v;
+        tally.add(1, v);
         PairOutcome::Scored(v)
     }
 
@@ -395,13 +461,13 @@ impl Detector {
     /// scored (the tuple is `(tokens[position-h..position], tokens[position])`) — for
     /// evidence bundles that list the scored tuples.
     pub fn tally_with(&self, tally: &mut Tally, tokens: &[u32], on_scored: impl FnMut(usize, f64)) {
-        self.tally_masked_with(tally, tokens, None, on_scored);
+        self.tally_positions(tally, tokens, Positions::All, on_scored);
     }
 
     /// [`Detector::tally`] scoring only the positions `p` with `mask[p]` true (see
     /// [`Detector::detect_masked`] for why the p-value stays exact).
     pub fn tally_masked(&self, tally: &mut Tally, tokens: &[u32], mask: &[bool]) {
-        self.tally_masked_with(tally, tokens, Some(mask), |_, _| {});
+        self.tally_positions(tally, tokens, Positions::Mask(mask), |_, _| {});
     }
 
     /// [`Detector::tally_with`] over the positions `mask` keeps (`None`: all) —
@@ -411,16 +477,39 @@ impl Detector {
         tally: &mut Tally,
         tokens: &[u32],
         mask: Option<&[bool]>,
+        on_scored: impl FnMut(usize, f64),
+    ) {
+        let positions = mask.map_or(Positions::All, Positions::Mask);
+        self.tally_positions(tally, tokens, positions, on_scored);
+    }
+
+    /// [`Detector::tally`] with a weight per position (see
+    /// [`Detector::detect_weighted`]).
+    pub fn tally_weighted(&self, tally: &mut Tally, tokens: &[u32], weights: &[u8]) {
+        self.tally_positions(tally, tokens, Positions::Weights(weights), |_, _| {});
+    }
+
+    fn tally_positions(
+        &self,
+        tally: &mut Tally,
+        tokens: &[u32],
+        positions: Positions<'_>,
         mut on_scored: impl FnMut(usize, f64),
     ) {
-        let (mut n, mut sum) = (0u64, 0.0f64);
-        tally.common += self.visit(tokens, mask, &mut tally.seen, &tally.windows, |p, v| {
-            n += 1;
-            sum += v;
-            on_scored(p, v);
-        });
-        tally.n += n;
-        tally.sum += sum;
+        let mut scored = Vec::new();
+        tally.common += self.visit(
+            tokens,
+            positions,
+            &mut tally.seen,
+            &tally.windows,
+            |p, v, w| {
+                scored.push((w, v));
+                on_scored(p, v);
+            },
+        );
+        for (w, v) in scored {
+            tally.add(w, v);
+        }
     }
 
     /// Natural-log p-value of `n` tuples with total `sum`.
@@ -448,12 +537,53 @@ impl Detector {
 
     /// The test's result for a tally.
     pub fn finish(&self, tally: &Tally) -> Detection {
-        self.detection(
-            tally.n,
-            tally.sum,
-            self.ln_p(tally.n, tally.sum),
-            tally.common,
-        )
+        let weighted = tally
+            .is_weighted()
+            .then(|| self.weighted_statistic(&tally.by_weight))
+            .flatten();
+        match weighted {
+            Some((stat, p)) => {
+                let ln_p = ln_weighted_binomial_sf(&stat.levels, stat.observed, p);
+                let mut d = self.detection(tally.n, tally.sum, ln_p, tally.common);
+                d.weighted = Some(stat);
+                d
+            }
+            None => self.detection(
+                tally.n,
+                tally.sum,
+                self.ln_p(tally.n, tally.sum),
+                tally.common,
+            ),
+        }
+    }
+
+    /// The weighted statistic of per-weight totals and the null hit rate: the
+    /// test is the exact tail of `Σ_w w · (hits at weight w)`
+    /// ([`ln_weighted_binomial_sf`]). `None` for Gumbel, whose tallies are never
+    /// weighted (see [`Detector::visit`]).
+    fn weighted_statistic(&self, by_weight: &[(u64, f64)]) -> Option<(WeightedStatistic, f64)> {
+        let (p, trials_per_tuple) = match self.scheme {
+            Scheme::Kgw { gamma, .. } | Scheme::Unigram { gamma, .. } => {
+                (green_threshold(gamma).1, 1)
+            }
+            Scheme::SynthId { layers, .. } => (0.5, u64::from(layers)),
+            Scheme::Gumbel { .. } => return None,
+        };
+        let levels = by_weight
+            .iter()
+            .enumerate()
+            .filter(|(w, &(n, _))| *w > 0 && n > 0)
+            .map(|(w, &(n, _))| WeightLevel {
+                weight: w as u32,
+                trials: n * trials_per_tuple,
+            })
+            .collect();
+        let observed = by_weight
+            .iter()
+            .enumerate()
+            .map(|(w, &(_, sum))| w as u64 * sum.round() as u64)
+            .sum();
+        Some((WeightedStatistic { levels, observed }, p))
     }
 
     fn detection(&self, n: u64, sum: f64, ln_p: f64, common_excluded: u64) -> Detection {
@@ -469,6 +599,7 @@ impl Detector {
             },
             p_value: ln_p.exp(),
             log10_p_value: ln_to_log10(ln_p),
+            weighted: None,
         }
     }
 
@@ -494,23 +625,44 @@ impl Detector {
     /// inputs, each green with probability exactly γ′ independently — the same
     /// binomial (Gamma, SynthID) tail as [`Detector::detect`], over fewer tuples. A
     /// mask chosen by looking at green lists would break this; one chosen by entropy
-    /// does not. A weighted score (weights by entropy) would not have an exact
-    /// binomial tail, which is why the mask is all-or-nothing.
+    /// does not. [`Detector::detect_weighted`] generalises the mask to integer
+    /// weights, with the exact tail of the weighted count.
     pub fn detect_masked(&self, tokens: &[u32], mask: &[bool]) -> Detection {
         let mut t = Tally::default();
         self.tally_masked(&mut t, tokens, mask);
         self.finish(&t)
     }
 
-    /// [`Detector::detect_corpus`] with one mask per text (see
-    /// [`Detector::detect_masked`]).
-    pub fn detect_corpus_masked<'a>(
+    /// Test one text with an integer weight per position (`weights[p]`, 0 = not
+    /// scored; positions past the end are not scored) — entropy-*weighted* detection
+    /// ([`crate::EntropyRule::Weighted`]): the statistic is the weighted count of
+    /// green tuples (of g-bits for SynthID), and the p-value is its exact tail under
+    /// the null ([`crate::weighted`]). Every other rule of [`Detector::detect`] holds.
+    /// With weights 0/1 this is [`Detector::detect_masked`] exactly; Gumbel scores
+    /// count every weight above 0 as 1.
+    ///
+    /// **Why the p-value stays exact.** As for a mask: the weights must be a
+    /// function of the text (and of things fixed before it, such as a model), never of
+    /// the key. Under the null the scored tuples and their weights are then fixed
+    /// independently of the keyed values, each tuple is green with probability exactly
+    /// γ′ independently, and `Σ w·green` has the distribution
+    /// [`ln_weighted_binomial_sf`] sums. [`Detection::statistic`] stays the
+    /// unweighted green share.
+    pub fn detect_weighted(&self, tokens: &[u32], weights: &[u8]) -> Detection {
+        let mut t = Tally::default();
+        self.tally_weighted(&mut t, tokens, weights);
+        self.finish(&t)
+    }
+
+    /// [`Detector::detect_corpus`] with one weight vector per text (see
+    /// [`Detector::detect_weighted`]; weights 0/1 are a mask).
+    pub fn detect_corpus_weighted<'a>(
         &self,
-        texts: impl IntoIterator<Item = (&'a [u32], &'a [bool])>,
+        texts: impl IntoIterator<Item = (&'a [u32], &'a [u8])>,
     ) -> Detection {
         let mut t = Tally::default();
-        for (text, mask) in texts {
-            self.tally_masked(&mut t, text, mask);
+        for (text, weights) in texts {
+            self.tally_weighted(&mut t, text, weights);
         }
         self.finish(&t)
     }
@@ -548,7 +700,8 @@ impl Detector {
         let mut seen = HashSet::new();
         let mut pos = Vec::new();
         let mut prefix = vec![0.0f64];
-        let common = self.visit(tokens, mask, &mut seen, &HashSet::new(), |p, v| {
+        let positions = mask.map_or(Positions::All, Positions::Mask);
+        let common = self.visit(tokens, positions, &mut seen, &HashSet::new(), |p, v, _| {
             pos.push(p);
             prefix.push(prefix.last().copied().unwrap_or(0.0) + v);
         });
@@ -625,18 +778,19 @@ pub fn detect_multi_key(
     common: Option<&Arc<CommonTuples>>,
     tokens: &[u32],
 ) -> MultiKeyDetection {
-    detect_multi_key_masked(keys, scheme, excluded, common, tokens, None)
+    detect_multi_key_weighted(keys, scheme, excluded, common, tokens, None)
 }
 
-/// [`detect_multi_key`] scoring only the positions `mask` keeps (see
-/// [`Detector::detect_masked`]); `None` scores every position.
-pub fn detect_multi_key_masked(
+/// [`detect_multi_key`] with a weight per position (see
+/// [`Detector::detect_weighted`]; weights 0/1 are a mask); `None` scores every
+/// position with weight 1.
+pub fn detect_multi_key_weighted(
     keys: &[Arc<WatermarkKey>],
     scheme: &Scheme,
     excluded: &ExcludedTokens,
     common: Option<&Arc<CommonTuples>>,
     tokens: &[u32],
-    mask: Option<&[bool]>,
+    weights: Option<&[u8]>,
 ) -> MultiKeyDetection {
     let per_key: Vec<Detection> = keys
         .iter()
@@ -645,8 +799,8 @@ pub fn detect_multi_key_masked(
             if let Some(c) = common {
                 d = d.with_common(c.clone());
             }
-            match mask {
-                Some(m) => d.detect_masked(tokens, m),
+            match weights {
+                Some(w) => d.detect_weighted(tokens, w),
                 None => d.detect(tokens),
             }
         })

@@ -36,50 +36,114 @@ pub enum EntropyMeasure {
     Spike,
 }
 
-/// Score a position iff its measure is ≥ `threshold`. Fixed before any text is seen
-/// (and so independent of the key): it decides which tuples are tested, and a
-/// threshold picked per text by looking at the outcome would not be a valid test.
+/// Which positions a test scores, and with what weight. Fixed before any text is seen
+/// (and so independent of the key): it decides which tuples are tested and how much
+/// each counts, and a rule picked per text by looking at the outcome would not be a
+/// valid test.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct EntropyRule {
-    /// The measure.
-    pub measure: EntropyMeasure,
-    /// Lowest value scored.
-    pub threshold: f64,
+pub enum EntropyRule {
+    /// Score a position (weight 1) iff its measure is ≥ `threshold` — SWEET's rule;
+    /// the binomial tail stays the test ([`crate::Detector::detect_masked`]).
+    Threshold {
+        /// The measure.
+        measure: EntropyMeasure,
+        /// Lowest value scored.
+        threshold: f64,
+    },
+    /// Score every position with the weight its spike entropy earns
+    /// ([`spike_weight`]: the log-odds by which the bias can raise its green
+    /// probability, in `0..=WEIGHT_LEVELS`); the test is the exact tail of the
+    /// weighted sum ([`crate::Detector::detect_weighted`]). Positions of weight 0
+    /// are left out as under a mask.
+    Weighted,
 }
 
+/// The integer weights of [`EntropyRule::Weighted`] run from 0 to this (the full
+/// bias δ). 16 steps lose almost nothing against real-valued weights and keep the
+/// exact null distribution small.
+pub const WEIGHT_LEVELS: u8 = 16;
+
 impl EntropyRule {
-    /// isotope's default rule: spike entropy ≥ 0.5 (with the scheme's modulus; for
-    /// KGW γ = ¼, δ = 2 the range is [0.35, 1), and the rule keeps ~85% of SmolLM2's
-    /// answer tokens). Fixed on a tuning sample that the power evaluation does not
-    /// use (48 SmolLM2 answers at T = 0.85, `isotope eval watermark --prompt-skip 200
-    /// --seed 123`; the evaluation uses the first 200 prompts): among Shannon
-    /// thresholds 0–2 nats and spike thresholds 0.5–0.8 it had the best (TPR@1e-4,
-    /// TPR@1e-6, median p) in that order — see `ARCHITECTURE.md`, entropy-aware
-    /// detection. Spike entropy is also the quantity Kirchenbauer et al.'s bound on the
-    /// expected green fraction is stated in, and it ignores the long tail that inflates
-    /// Shannon entropy without giving the bias anything to move.
-    pub const DEFAULT: EntropyRule = EntropyRule {
+    /// isotope's default rule: [`EntropyRule::Weighted`]. It has no threshold to
+    /// tune — its weights follow from the scheme's γ and δ — and on a fresh
+    /// evaluation (160 SmolLM2 answers at T = 0.7, seed 777, see `ARCHITECTURE.md`,
+    /// entropy-aware detection) it beat the best threshold rule ([`Self::SPIKE_HALF`])
+    /// at every length and level.
+    pub const DEFAULT: EntropyRule = EntropyRule::Weighted;
+
+    /// The best threshold rule: spike entropy ≥ 0.5 (with the scheme's modulus; for
+    /// KGW γ = ¼, δ = 2 the range is [0.35, 1), and the rule keeps ~70–85% of
+    /// SmolLM2's answer tokens). Fixed on a tuning sample that the power evaluation
+    /// does not use (48 SmolLM2 answers at T = 0.85, `isotope eval watermark
+    /// --prompt-skip 200 --seed 123`): among Shannon thresholds 0–2 nats and spike
+    /// thresholds 0.5–0.8 it had the best (TPR@1e-4, TPR@1e-6, median p) in that
+    /// order. Spike entropy is the quantity Kirchenbauer et al.'s bound on the
+    /// expected green fraction is stated in, and it ignores the long tail that
+    /// inflates Shannon entropy without giving the bias anything to move.
+    pub const SPIKE_HALF: EntropyRule = EntropyRule::Threshold {
         measure: EntropyMeasure::Spike,
         threshold: 0.5,
     };
 
+    /// The measure the rule reads (spike entropy for [`EntropyRule::Weighted`]).
+    pub fn measure(&self) -> EntropyMeasure {
+        match *self {
+            EntropyRule::Threshold { measure, .. } => measure,
+            EntropyRule::Weighted => EntropyMeasure::Spike,
+        }
+    }
+
     /// The rule's measure of one next-token distribution, given as logits.
     pub fn value(&self, logits: &[f32], scheme: &Scheme) -> f64 {
-        match self.measure {
+        match self.measure() {
             EntropyMeasure::Shannon => shannon_entropy(logits),
             EntropyMeasure::Spike => spike_entropy(logits, scheme_modulus(scheme)),
         }
     }
 
-    /// Whether a position with this measure is scored.
-    pub fn keeps(&self, value: f64) -> bool {
-        value >= self.threshold
+    /// The weight of a position whose measure is `value`: 0 (not scored) or 1 for a
+    /// threshold rule, `0..=WEIGHT_LEVELS` for the weighted one.
+    pub fn weight(&self, value: f64, scheme: &Scheme) -> u8 {
+        match *self {
+            EntropyRule::Threshold { threshold, .. } => u8::from(value >= threshold),
+            EntropyRule::Weighted => spike_weight(value, scheme),
+        }
     }
 
-    /// The mask of `values` (one per position).
-    pub fn mask(&self, values: &[f64]) -> Vec<bool> {
-        values.iter().map(|&v| self.keeps(v)).collect()
+    /// The weights of `values` (one per position).
+    pub fn weights(&self, values: &[f64], scheme: &Scheme) -> Vec<u8> {
+        values.iter().map(|&v| self.weight(v, scheme)).collect()
     }
+}
+
+/// The weight of a position with spike entropy `spike` under `scheme`'s γ and δ (the
+/// default KGW's ¼ and 2 for schemes without a bias).
+///
+/// Kirchenbauer et al.'s bound gives the green probability of a watermarked token as
+/// at least `p₁ = γ e^δ S / (1 + (e^δ − 1) γ)` (from γ when the model is certain to
+/// `γe^δ / (1 + (e^δ − 1)γ)` when it is indifferent). For independent trials that are
+/// green with probability γ under the null and `p₁` under the alternative, the most
+/// powerful test sums the green indicators weighted by the log-odds ratio
+/// `logit(p₁) − logit(γ)`, which runs from 0 to exactly δ. That weight, as a share of
+/// δ, quantised to `0..=WEIGHT_LEVELS`.
+pub fn spike_weight(spike: f64, scheme: &Scheme) -> u8 {
+    let (gamma, delta) = match *scheme {
+        Scheme::Kgw { gamma, delta, .. } | Scheme::Unigram { gamma, delta } => {
+            (gamma, f64::from(delta))
+        }
+        _ => (0.25, 2.0),
+    };
+    if !(spike.is_finite() && delta > 0.0 && gamma > 0.0 && gamma < 1.0) {
+        return 0;
+    }
+    let a = delta.exp_m1();
+    let top = gamma * delta.exp() / (1.0 + a * gamma);
+    let p1 = (top * spike.clamp(0.0, 1.0)).clamp(gamma, top);
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let w = (logit(p1) - logit(gamma)) / delta;
+    (w * f64::from(WEIGHT_LEVELS))
+        .round()
+        .clamp(0.0, f64::from(WEIGHT_LEVELS)) as u8
 }
 
 impl Default for EntropyRule {
@@ -90,25 +154,33 @@ impl Default for EntropyRule {
 
 impl fmt::Display for EntropyRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = match self.measure {
-            EntropyMeasure::Shannon => "shannon",
-            EntropyMeasure::Spike => "spike",
-        };
-        write!(f, "{m}:{}", self.threshold)
+        match *self {
+            EntropyRule::Threshold { measure, threshold } => {
+                let m = match measure {
+                    EntropyMeasure::Shannon => "shannon",
+                    EntropyMeasure::Spike => "spike",
+                };
+                write!(f, "{m}:{threshold}")
+            }
+            EntropyRule::Weighted => f.write_str("weighted"),
+        }
     }
 }
 
 /// A rule string that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("bad entropy rule {0:?}: expected `shannon:NATS` (e.g. shannon:0.6) or `spike:S` with 0 ≤ S ≤ 1 (e.g. spike:0.8)")]
+#[error("bad entropy rule {0:?}: expected `shannon:NATS` (e.g. shannon:0.6), `spike:S` with 0 ≤ S ≤ 1 (e.g. spike:0.8) or `weighted`")]
 pub struct EntropyRuleError(String);
 
 impl FromStr for EntropyRule {
     type Err = EntropyRuleError;
 
-    /// `shannon:0.6`, `spike:0.8`; a bare number is a Shannon threshold.
+    /// `shannon:0.6`, `spike:0.8`, `weighted`; a bare number is a Shannon threshold.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || EntropyRuleError(s.to_owned());
+        if s.trim() == "weighted" {
+            return Ok(EntropyRule::Weighted);
+        }
         let (measure, value) = match s.trim().split_once(':') {
             Some((m, v)) => (m.trim(), v.trim()),
             None => ("shannon", s.trim()),
@@ -125,7 +197,7 @@ impl FromStr for EntropyRule {
         if !ok {
             return Err(err());
         }
-        Ok(EntropyRule { measure, threshold })
+        Ok(EntropyRule::Threshold { measure, threshold })
     }
 }
 
@@ -292,15 +364,27 @@ mod tests {
     #[test]
     fn rules_parse_print_and_reject() {
         let r: EntropyRule = "shannon:0.6".parse().unwrap();
-        assert_eq!(r.measure, EntropyMeasure::Shannon);
+        assert_eq!(r.measure(), EntropyMeasure::Shannon);
         assert_eq!(
             "spike:0.5".parse::<EntropyRule>().unwrap(),
-            EntropyRule::DEFAULT
+            EntropyRule::SPIKE_HALF
         );
+        assert_eq!(EntropyRule::DEFAULT, EntropyRule::Weighted);
         assert_eq!(r.to_string().parse::<EntropyRule>().unwrap(), r);
         let s: EntropyRule = "spike:0.8".parse().unwrap();
-        assert_eq!(s.measure, EntropyMeasure::Spike);
-        assert_eq!("1.5".parse::<EntropyRule>().unwrap().threshold, 1.5);
+        assert_eq!(s.measure(), EntropyMeasure::Spike);
+        assert_eq!(
+            "1.5".parse::<EntropyRule>().unwrap(),
+            EntropyRule::Threshold {
+                measure: EntropyMeasure::Shannon,
+                threshold: 1.5
+            }
+        );
+        assert_eq!(
+            "weighted".parse::<EntropyRule>().unwrap(),
+            EntropyRule::Weighted
+        );
+        assert_eq!(EntropyRule::Weighted.to_string(), "weighted");
         for bad in [
             "",
             "spike:1.5",
@@ -308,9 +392,37 @@ mod tests {
             "nats:1",
             "shannon:x",
             "shannon:NaN",
+            "weighted:1",
         ] {
             assert!(bad.parse::<EntropyRule>().is_err(), "{bad:?}");
         }
-        assert_eq!(r.mask(&[0.0, 0.6, 2.0]), vec![false, true, true]);
+        let kgw = Scheme::default();
+        assert_eq!(r.weights(&[0.0, 0.6, 2.0], &kgw), vec![0, 1, 1]);
+    }
+
+    #[test]
+    fn spike_weights_run_from_zero_to_the_full_bias() {
+        let kgw: Scheme = "kgw:gamma=0.25,delta=2,h=4".parse().unwrap();
+        let z = scheme_modulus(&kgw);
+        // A certain position can carry nothing; an indifferent one the whole δ.
+        assert_eq!(spike_weight(1.0 / (1.0 + z), &kgw), 0);
+        assert_eq!(spike_weight(1.0, &kgw), WEIGHT_LEVELS);
+        let mut last = 0;
+        for i in 0..=100 {
+            let w = spike_weight(
+                1.0 / (1.0 + z) + f64::from(i) / 100.0 * (z / (1.0 + z)),
+                &kgw,
+            );
+            assert!(w >= last, "weights grow with spike entropy");
+            last = w;
+        }
+        // A two-way tie (S = 1/(1 + z/2)): p₁ by the bound, weight = log-odds / δ.
+        let s = 1.0 / (1.0 + z / 2.0);
+        let top = 0.25 * 2f64.exp() / (1.0 + 2f64.exp_m1() * 0.25);
+        let p1 = top * s;
+        let want = ((p1 / (1.0 - p1)).ln() - (0.25f64 / 0.75).ln()) / 2.0 * 16.0;
+        assert_eq!(f64::from(spike_weight(s, &kgw)), want.round());
+        assert_eq!(spike_weight(f64::NAN, &kgw), 0);
+        assert_eq!(EntropyRule::Weighted.weight(1.0, &kgw), WEIGHT_LEVELS);
     }
 }

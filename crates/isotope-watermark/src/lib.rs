@@ -7,8 +7,9 @@
 //!   and a candle student watermark identically.
 //! - [`Detector`]: exact p-values (binomial / Gamma tails in log space) over
 //!   deduplicated (window, token) tuples; per text, per corpus, best span, several keys;
-//!   optionally over a key-independent mask of positions ([`entropy`]: entropy-aware
-//!   detection).
+//!   optionally over a key-independent mask or integer weighting of positions
+//!   ([`entropy`]: entropy-aware detection; [`weighted`]: the exact tail of a
+//!   weighted test).
 //!
 //! Pure computation: no I/O, no HTTP, no llama.cpp. Reading key files is the caller's
 //! job ([`WatermarkKey::parse_file`] takes their text).
@@ -21,13 +22,14 @@ mod key;
 mod prf;
 mod scheme;
 pub mod stats;
+pub mod weighted;
 
 pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
-    detect_multi_key, detect_multi_key_masked, Detection, Detector, MultiKeyDetection, PairOutcome,
-    Tally, WindowSet, WindowedDetection,
+    detect_multi_key, detect_multi_key_weighted, Detection, Detector, MultiKeyDetection,
+    PairOutcome, Tally, WeightedStatistic, WindowSet, WindowedDetection,
 };
-pub use entropy::{EntropyMeasure, EntropyRule, EntropyRuleError};
+pub use entropy::{EntropyMeasure, EntropyRule, EntropyRuleError, WEIGHT_LEVELS};
 pub use hook::{ExcludedTokens, WatermarkHook};
 pub use key::{KeyError, WatermarkKey};
 pub use prf::green_threshold;

@@ -527,14 +527,14 @@ fn masked_detection_is_exact_for_key_independent_masks_only() {
 fn entropy_masked_detection_is_calibrated_per_fixed_key() {
     use isotope_watermark::EntropyRule;
     let prompt = [3u32];
-    let rule = EntropyRule::DEFAULT;
+    let rule = EntropyRule::SPIKE_HALF;
     let scheme = Scheme::kgw();
     let mask_of = |text: &[u32]| -> Vec<bool> {
         (0..text.len())
             .map(|p| {
                 let mut ctx = prompt.to_vec();
                 ctx.extend_from_slice(&text[..p]);
-                rule.keeps(rule.value(&logits(&ctx), &scheme))
+                rule.weight(rule.value(&logits(&ctx), &scheme), &scheme) > 0
             })
             .collect()
     };
@@ -554,6 +554,144 @@ fn entropy_masked_detection_is_calibrated_per_fixed_key() {
         // P(Binomial(200, 0.01) ≥ 10) ≈ 5e-5.
         assert!(alarms <= 9, "key {k}: {alarms}/200 below 0.01");
     }
+}
+
+/// Entropy-*weighted* detection: a text with many repeated tuples and key-independent
+/// weights 0..=16 (a hash of the window and token, like an entropy that depends on the
+/// text only). Under 3,000 fresh keys: the reported p-value is the exact tail of the
+/// weighted green count of the tuples the mask of non-zero weights selects, the
+/// randomised p-values are uniform (KS), FPR@1e-2 and @5e-2 are in their bands; with
+/// weights that look at the key (heavy on green tuples) validity breaks.
+#[test]
+fn weighted_detection_is_exact_for_key_independent_weights() {
+    use isotope_watermark::weighted::{ln_weighted_binomial_sf, WeightLevel};
+    let scheme = Scheme::kgw();
+    let q = isotope_watermark::green_threshold(0.25).1;
+    let text: Vec<u32> = (0..300u64).map(|i| (mix(i) % 40) as u32).collect();
+    let weights: Vec<u8> = (0..text.len())
+        .map(|p| {
+            let w = &text[p.saturating_sub(4)..=p];
+            (w.iter().fold(29u64, |a, &t| mix(a ^ u64::from(t))) % 17) as u8
+        })
+        .collect();
+    let mask: Vec<bool> = weights.iter().map(|&w| w > 0).collect();
+    let keys = 3000u64;
+    let (mut ps, mut below1, mut below5, mut cheat) = (Vec::new(), 0u64, 0u64, 0u64);
+    for k in 0..keys {
+        let key = Arc::new(WatermarkKey::from_bytes(*blake3_like(k, 91)));
+        let det = Detector::new(key, scheme.clone(), no_exclusions());
+        let d = det.detect_weighted(&text, &weights);
+        // The same tuples as the mask of non-zero weights; rebuild the statistic.
+        let mut levels = [0u64; 17];
+        let mut observed = 0u64;
+        let mut cheat_w = vec![0u8; text.len()];
+        det.tally_masked_with(&mut Default::default(), &text, Some(&mask), |p, v| {
+            levels[usize::from(weights[p])] += 1;
+            observed += u64::from(weights[p]) * v as u64;
+            cheat_w[p] = if v > 0.5 { 16 } else { 1 };
+        });
+        let levels: Vec<WeightLevel> = levels
+            .iter()
+            .enumerate()
+            .map(|(w, &n)| WeightLevel {
+                weight: w as u32,
+                trials: n,
+            })
+            .collect();
+        assert_eq!(
+            d.scored_tokens,
+            levels.iter().map(|l| l.trials).sum::<u64>()
+        );
+        let ge = ln_weighted_binomial_sf(&levels, observed, q).exp();
+        let gt = ln_weighted_binomial_sf(&levels, observed + 1, q).exp();
+        assert!(
+            (d.p_value - ge).abs() <= 1e-12 * ge,
+            "{} vs {ge}",
+            d.p_value
+        );
+        let u = ((mix(k ^ 0x5ee) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        ps.push(gt + u * (ge - gt));
+        below1 += u64::from(d.p_value <= 1e-2);
+        below5 += u64::from(d.p_value <= 5e-2);
+        cheat += u64::from(det.detect_weighted(&text, &cheat_w).p_value <= 1e-2);
+    }
+    let (_, ks_p) = stats::ks_uniform(&ps);
+    let (lo1, _) = stats::clopper_pearson(below1, keys, 1e-3);
+    let (lo5, _) = stats::clopper_pearson(below5, keys, 1e-3);
+    eprintln!(
+        "weighted KGW, {keys} fresh keys: KS p = {ks_p:.3}, FPR@1e-2 = {}, FPR@5e-2 = {}; \
+         key-dependent weights: FPR@1e-2 = {}",
+        below1 as f64 / keys as f64,
+        below5 as f64 / keys as f64,
+        cheat as f64 / keys as f64
+    );
+    assert!(
+        ks_p > 1e-3,
+        "randomised p-values not uniform: KS p = {ks_p}"
+    );
+    assert!(lo1 <= 1e-2, "FPR@1e-2 = {below1}/{keys} above its level");
+    assert!(lo5 <= 5e-2, "FPR@5e-2 = {below5}/{keys} above its level");
+    assert!(
+        cheat as f64 / keys as f64 > 0.5,
+        "key-dependent weights should break validity: {cheat}/{keys}"
+    );
+}
+
+/// Weighted detection on the synthetic model's text with the weights from its own
+/// spike entropies ([`EntropyRule::Weighted`]): within band for 20 fixed keys on
+/// unwatermarked text, and more powerful than unweighted detection on watermarked
+/// text from the same model.
+#[test]
+fn entropy_weighted_detection_is_calibrated_per_fixed_key_and_has_power() {
+    use isotope_watermark::EntropyRule;
+    let prompt = [3u32];
+    let rule = EntropyRule::Weighted;
+    let scheme = Scheme::kgw();
+    let weights_of = |text: &[u32]| -> Vec<u8> {
+        (0..text.len())
+            .map(|p| {
+                let mut ctx = prompt.to_vec();
+                ctx.extend_from_slice(&text[..p]);
+                rule.weight(rule.value(&logits(&ctx), &scheme), &scheme)
+            })
+            .collect()
+    };
+    let texts: Vec<(Vec<u32>, Vec<u8>)> = (0..200)
+        .map(|i| {
+            let t = generate(60, sampled(7000 + i), 0, None, &prompt);
+            let w = weights_of(&t);
+            (t, w)
+        })
+        .collect();
+    assert!(
+        texts.iter().flat_map(|(_, w)| w).any(|&w| w > 1 && w < 16),
+        "the synthetic model should give intermediate weights"
+    );
+    for k in 0..20u8 {
+        let det = Detector::new(key(190 + k), scheme.clone(), no_exclusions());
+        let alarms = texts
+            .iter()
+            .filter(|(t, w)| det.detect_weighted(t, w).p_value < 0.01)
+            .count();
+        // P(Binomial(200, 0.01) ≥ 10) ≈ 5e-5.
+        assert!(alarms <= 9, "key {k}: {alarms}/200 below 0.01");
+    }
+    // Power: watermarked generations, weighted vs plain median log10 p.
+    let det = Detector::new(key(7), scheme.clone(), no_exclusions());
+    let (mut plain, mut weighted) = (Vec::new(), Vec::new());
+    for i in 0..60 {
+        let hook = WatermarkHook::new(key(7), &scheme, no_exclusions(), false);
+        let t = generate(60, sampled(9000 + i), 0, Some(hook), &prompt);
+        plain.push(det.detect(&t).log10_p_value);
+        weighted.push(det.detect_weighted(&t, &weights_of(&t)).log10_p_value);
+    }
+    plain.sort_by(f64::total_cmp);
+    weighted.sort_by(f64::total_cmp);
+    eprintln!(
+        "synthetic model, 60 watermarked texts: median log10 p plain {:.2}, weighted {:.2}",
+        plain[30], weighted[30]
+    );
+    assert!(weighted[30] < plain[30], "weighting should add power here");
 }
 
 proptest::proptest! {
@@ -581,5 +719,8 @@ proptest::proptest! {
         proptest::prop_assert_eq!(d.scored_tokens as usize, expected.len());
         let all = vec![true; text.len()];
         proptest::prop_assert_eq!(det.detect_masked(&text, &all), det.detect(&text));
+        // Weights 0/1 are the mask.
+        let ones: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
+        proptest::prop_assert_eq!(det.detect_weighted(&text, &ones), d);
     }
 }

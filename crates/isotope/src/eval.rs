@@ -254,8 +254,8 @@ struct WatermarkArgs {
     /// re-reads every response and only tokens at which it was uncertain are scored.
     #[arg(long)]
     entropy_aware: bool,
-    /// Entropy rules shown with --entropy-aware (comma-separated, `shannon:NATS` or
-    /// `spike:S`; default: isotope's fixed rule). Several rules are for tuning only:
+    /// Entropy rules shown with --entropy-aware (comma-separated, `shannon:NATS`,
+    /// `spike:S` or `weighted`; default: isotope's fixed rule). Several rules are for tuning only:
     /// pick one on prompts the evaluation does not use (--prompt-skip).
     #[arg(long, value_delimiter = ',')]
     entropy_rules: Vec<String>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use isotope_engine::{LoadOptions, Model};
 use isotope_watermark::{
-    detect_multi_key_masked, CommonTuples, Detector, EntropyRule, ExcludedTokens, Scheme,
+    detect_multi_key_weighted, CommonTuples, Detector, EntropyRule, ExcludedTokens, Scheme,
     WatermarkKey,
 };
 use serde_json::json;
@@ -152,8 +152,11 @@ pub struct DetectArgs {
     /// are scored depends on the text and the model, never on the key.
     #[arg(long)]
     entropy_aware: bool,
-    /// The rule of --entropy-aware: `shannon:NATS` or `spike:S` (default: isotope's
-    /// fixed rule, spike:0.5). Fix it before looking at the text.
+    /// The rule of --entropy-aware: `shannon:NATS` or `spike:S` (score tokens at or
+    /// above the threshold), or `weighted` (score every token with a weight from its
+    /// spike entropy — the log-odds the bias could add there — and test the weighted
+    /// green count with its exact tail). Default: `weighted`. Fix
+    /// it before looking at the text.
     #[arg(long, requires = "entropy_aware")]
     entropy_rule: Option<String>,
     /// Print one JSON object.
@@ -198,21 +201,21 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     let excluded = excluded(&model);
     let common = common_list(&model, a.common_tuples.as_deref(), a.no_common_filter)?;
     let started = std::time::Instant::now();
-    let mask = match &rule {
+    let weights = match &rule {
         Some(r) => Some(
-            isotope_eval::entropy_mask(&model, &tokens, r, &scheme, a.model.threads)
+            isotope_eval::entropy_weights(&model, &tokens, r, &scheme, a.model.threads)
                 .context("entropy-aware detection: the model pass over the text failed")?,
         ),
         None => None,
     };
     let model_seconds = started.elapsed().as_secs_f64();
-    let multi = detect_multi_key_masked(
+    let multi = detect_multi_key_weighted(
         &keys,
         &scheme,
         &excluded,
         common.as_ref(),
         &tokens,
-        mask.as_deref(),
+        weights.as_deref(),
     );
     let mut report = json!({
         "scheme": scheme.to_string(),
@@ -224,11 +227,11 @@ pub fn detect(a: DetectArgs) -> Result<()> {
         "common_filter": common.is_some(),
         "common_excluded": multi.per_key.iter().map(|d| d.common_excluded).max().unwrap_or(0),
     });
-    if let (Some(r), Some(m)) = (&rule, &mask) {
-        let h = scheme.context().min(m.len());
+    if let (Some(r), Some(w)) = (&rule, &weights) {
+        let h = scheme.context().min(w.len());
         report["entropy_aware"] = json!(true);
         report["entropy_rule"] = json!(r.to_string());
-        report["entropy_kept"] = json!(m[h..].iter().filter(|&&k| k).count());
+        report["entropy_kept"] = json!(w[h..].iter().filter(|&&k| k > 0).count());
         report["entropy_model_seconds"] = json!(model_seconds);
     }
     if keys.len() == 1 {
@@ -246,6 +249,9 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             Some(c) => d.with_common(c.clone()),
             None => d,
         };
+        // The span search counts tuples unweighted: a weighted rule acts as the
+        // mask of its non-zero weights there.
+        let mask: Option<Vec<bool>> = weights.as_ref().map(|w| w.iter().map(|&x| x > 0).collect());
         match &mask {
             Some(m) => d.detect_windowed_masked(&tokens, m, a.min_span),
             None => d.detect_windowed(&tokens, a.min_span),

@@ -340,8 +340,8 @@ fn detect_entropy_aware_adds_fields_and_keeps_the_contract() {
     }
     assert!(plain.get("entropy_aware").is_none(), "{plain}");
     assert_eq!(aware["entropy_aware"], Value::Bool(true), "{aware}");
-    assert_eq!(aware["entropy_rule"], "spike:0.5", "{aware}");
-    // The mask only removes positions: never more tuples than the plain test.
+    assert_eq!(aware["entropy_rule"], "weighted", "{aware}");
+    // Weight 0 only removes positions: never more tuples than the plain test.
     let kept = aware["entropy_kept"].as_u64().unwrap();
     let scored = aware["scored_tokens"].as_u64().unwrap();
     assert!(scored <= kept, "{aware}");

@@ -338,6 +338,14 @@ impl EmbedderKind {
         })
     }
 
+    /// The name `--embedder` takes and prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbedderKind::Hashed => "hashed",
+            EmbedderKind::Minilm => "minilm",
+        }
+    }
+
     /// The kind that produced an embedder name recorded in a model.
     pub fn of_name(name: &str) -> Option<Self> {
         if name.starts_with("hashed-") {
@@ -346,6 +354,26 @@ impl EmbedderKind {
             Some(EmbedderKind::Minilm)
         } else {
             None
+        }
+    }
+}
+
+impl std::fmt::Display for EmbedderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EmbedderKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "hashed" => Ok(EmbedderKind::Hashed),
+            "minilm" => Ok(EmbedderKind::Minilm),
+            other => Err(format!(
+                "unknown embedder {other:?}: expected `hashed` or `minilm`"
+            )),
         }
     }
 }
@@ -407,6 +435,11 @@ mod tests {
             Some(EmbedderKind::Minilm)
         );
         assert_eq!(EmbedderKind::of_name("bge-small"), None);
+        for k in [EmbedderKind::Hashed, EmbedderKind::Minilm] {
+            assert_eq!(k.to_string().parse::<EmbedderKind>(), Ok(k));
+        }
+        let e = "bert".parse::<EmbedderKind>().unwrap_err();
+        assert!(e.contains("hashed") && e.contains("minilm"), "{e}");
     }
 
     #[test]

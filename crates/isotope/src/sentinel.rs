@@ -135,16 +135,9 @@ enum SentinelCommand {
         /// (n-gram hashing, no files; the built-in model's) or `minilm`
         /// (all-MiniLM-L6-v2 from --minilm-dir; embeds every simulated prompt once,
         /// minutes on CPU).
-        #[arg(long, value_enum, default_value_t = Embedder::Hashed)]
-        embedder: Embedder,
+        #[arg(long, default_value_t = EmbedderKind::Hashed)]
+        embedder: EmbedderKind,
     },
-}
-
-/// `--embedder` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Embedder {
-    Hashed,
-    Minilm,
 }
 
 pub fn sentinel(a: SentinelArgs) -> Result<()> {
@@ -199,10 +192,7 @@ pub fn sentinel(a: SentinelArgs) -> Result<()> {
             json,
         } => score(db, model, &dir, top, json),
         SentinelCommand::Train { out, embedder } => {
-            let kind = match embedder {
-                Embedder::Hashed => EmbedderKind::Hashed,
-                Embedder::Minilm => EmbedderKind::Minilm,
-            };
+            let kind = embedder;
             let emb = kind.load(&dir).context("loading the prompt embedder")?;
             let tc = isotope_sentinel::TrainConfig::default();
             if kind != EmbedderKind::Hashed {

@@ -31,7 +31,7 @@
 //! API gives no token ids; the loader maps the `token`/`bytes` of each position to the
 //! student tokenizer's ids.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -162,6 +162,10 @@ pub struct HarvestConfig {
     pub timeout: Duration,
     /// Stop after this many new records (for tests and dry runs); `None`: all.
     pub limit: Option<usize>,
+    /// Start no new record after this long (records in flight still finish; the
+    /// rest stay missing, and a rerun continues with them): a harvest sized by the
+    /// time it may take rather than by its prompt count. `None`: no limit.
+    pub time_limit: Option<Duration>,
 }
 
 impl Default for HarvestConfig {
@@ -183,6 +187,7 @@ impl Default for HarvestConfig {
             max_backoff: Duration::from_secs(60),
             timeout: Duration::from_secs(600),
             limit: None,
+            time_limit: None,
         }
     }
 }
@@ -243,6 +248,8 @@ pub struct HarvestReport {
     /// The last error of a failed record, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The time limit stopped the run before every record was started.
+    pub time_limited: bool,
 }
 
 /// One line of the output file.
@@ -303,6 +310,9 @@ pub fn open_output(path: &Path, prompts: &[Prompt]) -> Result<(File, Existing)> 
         file.seek(SeekFrom::End(0))
             .map_err(io_err("seeking in", path))?;
     }
+    // `prompts` may be a subset of a prompt file (e.g. the prompts another harvest
+    // got), so records are matched by their prompt's index, not by position.
+    let by_index: HashMap<usize, &Prompt> = prompts.iter().map(|p| (p.index, p)).collect();
     for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -315,7 +325,7 @@ pub fn open_output(path: &Path, prompts: &[Prompt]) -> Result<(File, Existing)> 
         }
         match serde_json::from_slice::<Head>(line) {
             Ok(h) => {
-                if let Some(p) = prompts.get(h.prompt_index) {
+                if let Some(p) = by_index.get(&h.prompt_index) {
                     if p.text != h.prompt {
                         return Err(DistillError::Harvest(format!(
                             "`{}` line {}: record {} has a different prompt than line {} of the \
@@ -700,10 +710,11 @@ pub async fn harvest(
         .build()
         .map_err(|e| DistillError::Harvest(format!("building the HTTP client: {e}")))?;
     let mut todo: Vec<(usize, usize)> = Vec::new();
-    for p in prompts {
+    // (position in `prompts`, sample): positions, because `prompts` may be a subset
+    for (pos, p) in prompts.iter().enumerate() {
         for s in 0..cfg.samples_per_prompt {
             if !existing.ids.contains(&record_id(p.index, s)) {
-                todo.push((p.index, s));
+                todo.push((pos, s));
             }
         }
     }
@@ -772,6 +783,8 @@ pub async fn harvest(
         prog.completion_tokens = shared.completion_tokens.load(Ordering::Relaxed);
         progress(prog);
     };
+    let out_of_time = || cfg.time_limit.is_some_and(|l| start.elapsed() >= l);
+    let mut time_limited = false;
     for (pi, s) in todo {
         if shared.abort.load(Ordering::Relaxed) || write_error.is_some() {
             break;
@@ -783,6 +796,11 @@ pub async fn harvest(
                 Some(res) = tasks.join_next() => finished(res, &mut prog, &mut write_error),
             }
         };
+        // Checked after the wait for a slot: that wait is where the time goes.
+        if out_of_time() {
+            time_limited = true;
+            break;
+        }
         let sh = shared.clone();
         let prompts = prompts.clone();
         tasks.spawn(async move {
@@ -794,7 +812,11 @@ pub async fn harvest(
                     Ok(true)
                 }
                 Outcome::Failed(msg) => {
-                    tracing::warn!("prompt {} (line {}) sample {s}: {msg}", pi, prompt.line);
+                    tracing::warn!(
+                        "prompt {} (line {}) sample {s}: {msg}",
+                        prompt.index,
+                        prompt.line
+                    );
                     *sh.last_error.lock().expect("lock") = Some(msg);
                     Ok(false)
                 }
@@ -839,6 +861,7 @@ pub async fn harvest(
         completion_tokens_per_sec: completion_tokens as f64 / elapsed.max(1e-9),
         truncated_bytes: existing.truncated_bytes,
         last_error,
+        time_limited,
     })
 }
 

@@ -25,6 +25,8 @@ struct Double {
     unavailable_next: usize,
     /// Every call answers 401.
     unauthorized: bool,
+    /// Every answer takes this long.
+    delay: Duration,
 }
 
 async fn completions(
@@ -33,6 +35,7 @@ async fn completions(
     Json(body): Json<Value>,
 ) -> Response {
     let n = d.calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(d.delay).await;
     if d.unauthorized || headers.get("authorization").is_none() {
         return (
             StatusCode::UNAUTHORIZED,
@@ -214,4 +217,55 @@ async fn unauthorized_stops_the_run() {
         "kept going after a 401: {} calls",
         d.calls.load(Ordering::SeqCst)
     );
+}
+
+/// A time limit stops starting requests (those in flight finish and are written); a
+/// rerun continues with the rest, and a subset of the prompts (what another harvest
+/// got) is matched by prompt index, not position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_limit_stops_and_a_rerun_continues() {
+    let d = Arc::new(Double {
+        delay: Duration::from_millis(150),
+        ..Double::default()
+    });
+    let endpoint = serve(d.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let ps = prompts(40);
+    let cfg = HarvestConfig {
+        concurrency: 2,
+        time_limit: Some(Duration::from_millis(400)),
+        ..config(endpoint.clone())
+    };
+    let first = harvest(&cfg, &ps, &out, &mut |_| {}).await.unwrap();
+    assert!(first.time_limited);
+    assert!(
+        (2..40).contains(&first.written),
+        "{} written in 400 ms at 2 × 150 ms",
+        first.written
+    );
+    assert_eq!(first.failed, 0);
+    assert_eq!(first.missing, 40 - first.written);
+    assert_eq!(
+        records(&out).len(),
+        first.written,
+        "in-flight records were written"
+    );
+    let second = harvest(&config(endpoint.clone()), &ps, &out, &mut |_| {})
+        .await
+        .unwrap();
+    assert!(!second.time_limited);
+    assert_eq!((second.existing, second.missing), (first.written, 0));
+
+    // A subset with gaps in its indices: only those prompts, records keyed by index.
+    let subset: Vec<_> = ps.iter().filter(|p| p.index % 3 == 1).cloned().collect();
+    let out2 = dir.path().join("subset.jsonl");
+    let third = harvest(&config(endpoint), &subset, &out2, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!((third.written, third.missing), (subset.len(), 0));
+    for r in records(&out2) {
+        assert_eq!(r.prompt_index % 3, 1);
+        assert_eq!(r.prompt, format!("question {}", r.prompt_index));
+    }
 }

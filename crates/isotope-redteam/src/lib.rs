@@ -30,7 +30,7 @@
 pub mod report;
 mod svg;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,8 +94,16 @@ pub struct RedteamConfig {
     pub scheme: String,
     /// Harvest prompts (JSONL: `prompt`, `instruction`, `question`).
     pub prompt_file: PathBuf,
-    /// Harvest prompts used (the first N usable lines).
+    /// Harvest prompts used (the first N usable lines): an upper bound, see
+    /// `harvest_minutes`.
     pub prompts: usize,
+    /// Minutes each arm's harvest may take (0: no limit). The watermarked arm starts
+    /// no request after this long; the control arm then answers exactly the prompts
+    /// the watermarked arm got, so both arms see the same prompts. It keeps the
+    /// default run inside its time budget on any machine: a fast one harvests all
+    /// `prompts`, a slow one fewer (the report says how many tokens each arm got).
+    #[serde(default = "default_harvest_minutes")]
+    pub harvest_minutes: f64,
     /// `max_tokens` of every harvest request.
     pub max_tokens: u32,
     /// Sampling temperature asked for by the harvester (and the students' black-box
@@ -154,6 +162,7 @@ impl Default for RedteamConfig {
             scheme: "kgw:gamma=0.25,delta=2,h=1,seeding=left".into(),
             prompt_file: PathBuf::from("data/gsm8k/train.jsonl"),
             prompts: 400,
+            harvest_minutes: default_harvest_minutes(),
             max_tokens: 200,
             temperature: 1.0,
             concurrency: 4,
@@ -182,7 +191,18 @@ impl Default for RedteamConfig {
     }
 }
 
+/// 10 minutes per arm: with ~5 minutes per student (training and audits) the default
+/// run stays within 30 minutes on 2 cores.
+fn default_harvest_minutes() -> f64 {
+    10.0
+}
+
 impl RedteamConfig {
+    /// The harvest's time limit per arm (`None`: no limit).
+    fn harvest_limit(&self) -> Option<Duration> {
+        (self.harvest_minutes > 0.0).then(|| Duration::from_secs_f64(self.harvest_minutes * 60.0))
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(RedteamError::Config(m.into()));
         if self.prompts == 0 || self.max_tokens == 0 || self.concurrency == 0 {
@@ -198,6 +218,9 @@ impl RedteamConfig {
             return bad(
                 "each mix fraction must lie strictly between 0 and 1 (the arms are 1 and 0)",
             );
+        }
+        if !(self.harvest_minutes >= 0.0 && self.harvest_minutes < 1e6) {
+            return bad("harvest_minutes must be a non-negative number (0: no limit)");
         }
         if !(self.price_per_million_tokens >= 0.0 && self.price_per_million_tokens.is_finite()) {
             return bad("price_per_million_tokens must be a non-negative number");
@@ -262,6 +285,10 @@ pub struct HarvestSummary {
     pub elapsed_secs: f64,
     /// Benign requests answered.
     pub benign_records: usize,
+    /// The arm's time limit (`harvest_minutes`) stopped it before every prompt was
+    /// answered.
+    #[serde(default)]
+    pub time_limited: bool,
 }
 
 /// One point of the p-value-vs-tokens curve.
@@ -545,6 +572,10 @@ async fn harvest_arm(
             max_tokens: cfg.max_tokens,
             temperature: Some(cfg.temperature),
             seed: Some(cfg.seed),
+            // one budget for the arm, across the accounts it burns
+            time_limit: cfg
+                .harvest_limit()
+                .map(|l| l.saturating_sub(started.elapsed())),
             ..HarvestConfig::default()
         };
         let r =
@@ -555,6 +586,22 @@ async fn harvest_arm(
                 summary.requests += rep.requests;
                 summary.rate_limited += rep.rate_limited;
                 summary.retries += rep.retries;
+                if rep.time_limited {
+                    summary.time_limited = true;
+                    summary.stops.push(format!(
+                        "{name}: time limit ({} min) reached, {} prompts not asked",
+                        cfg.harvest_minutes, rep.missing
+                    ));
+                    events(Event::Note(format!(
+                        "{}: harvest stopped at its time limit ({} min); {} of {} prompts \
+                         answered",
+                        arm.name(),
+                        cfg.harvest_minutes,
+                        rep.total - rep.missing,
+                        rep.total
+                    )));
+                    break;
+                }
                 if rep.missing == 0 || rounds >= cfg.max_accounts + 2 {
                     if rep.missing > 0 {
                         summary.stops.push(format!(
@@ -961,7 +1008,19 @@ pub fn run(
             isotope_server::write_private(&control_key, k.to_file_string().as_bytes())
                 .map_err(|e| RedteamError::Key(format!("{e:#}")))?;
         }
-        let control = harvest_arm(cfg, Arm::Control, &control_key, &prompts, events).await?;
+        // Same prompts as the watermarked arm actually got (a time limit may have
+        // cut it short), so the two students differ only in the watermark.
+        let answered: HashSet<usize> = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?
+            .iter()
+            .map(|r| r.prompt_index)
+            .collect();
+        let control_prompts: Vec<Prompt> = prompts
+            .iter()
+            .filter(|p| answered.contains(&p.index))
+            .cloned()
+            .collect();
+        let control =
+            harvest_arm(cfg, Arm::Control, &control_key, &control_prompts, events).await?;
         let sentinel = sentinel_timeline(cfg).await?;
         Ok::<_, RedteamError>((wm, control, sentinel))
     })?;

@@ -234,6 +234,21 @@ pub fn render_html(r: &Report) -> String {
          outcome.</p>",
         r.window
     );
+    if let Some(w) = r.arms.iter().find(|a| a.arm == Arm::Watermarked) {
+        if w.harvest.time_limited {
+            let _ = write!(
+                h,
+                "<p class=\"note\">The harvest was cut at its time limit ({} min per arm, \
+                 <code>--harvest-minutes</code>): {} of {} prompts, {} completion tokens. The \
+                 control arm answered the same prompts. More tokens give a stronger audit: \
+                 raise the limit (0: none) or rerun on a faster machine.</p>",
+                r.config.harvest_minutes,
+                w.harvest.records,
+                r.config.prompts,
+                w.harvest.completion_tokens
+            );
+        }
+    }
 
     // Headline table.
     h.push_str("<h2>Audits</h2><table><tr><th>student</th><th>trained on</th><th>harvest tokens</th>\

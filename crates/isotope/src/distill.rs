@@ -90,9 +90,21 @@ struct HarvestArgs {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Start no new request after this many minutes (requests in flight finish);
+    /// the rest stay missing and the same command continues with them.
+    #[arg(long, value_parser = positive_minutes)]
+    time_limit_minutes: Option<f64>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// A clap parser for a positive, finite number of minutes.
+pub(crate) fn positive_minutes(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if m > 0.0 && m.is_finite() && m < 1e6 => Ok(m),
+        _ => Err(format!("expected a positive number of minutes, got `{s}`")),
+    }
 }
 
 fn report_warnings(file: &Path, warnings: &[isotope_distill::LineWarning]) {
@@ -131,6 +143,9 @@ fn harvest(a: HarvestArgs) -> Result<()> {
         system: a.system,
         max_retries: a.max_retries,
         timeout: Duration::from_secs(a.timeout.max(1)),
+        time_limit: a
+            .time_limit_minutes
+            .map(|m| Duration::from_secs_f64(m * 60.0)),
         ..HarvestConfig::default()
     };
     let bar = ProgressBar::new(0).with_style(
@@ -180,6 +195,13 @@ fn harvest(a: HarvestArgs) -> Result<()> {
             report.completion_tokens,
             report.completion_tokens_per_sec,
         );
+        if report.time_limited {
+            eprintln!(
+                "stopped at the time limit: {} records not started; run the same command \
+                 again to continue",
+                report.missing
+            );
+        }
     }
     if report.failed > 0 {
         bail!(

@@ -31,9 +31,13 @@ pub struct RedteamArgs {
     /// Harvest prompts file (JSONL: prompt / instruction / question).
     #[arg(long)]
     prompt_file: Option<PathBuf>,
-    /// Number of harvest prompts.
+    /// Number of harvest prompts (at most: see --harvest-minutes).
     #[arg(long)]
     prompts: Option<usize>,
+    /// Minutes each arm's harvest may take (default 10; 0: no limit): the control arm
+    /// answers the prompts the watermarked arm got in that time.
+    #[arg(long, value_parser = non_negative_minutes)]
+    harvest_minutes: Option<f64>,
     /// max_tokens of each harvest request.
     #[arg(long)]
     max_tokens: Option<u32>,
@@ -105,6 +109,13 @@ pub struct RedteamArgs {
     json: bool,
 }
 
+fn non_negative_minutes(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if (0.0..1e6).contains(&m) => Ok(m),
+        _ => Err(format!("expected minutes ≥ 0 (0: no limit), got `{s}`")),
+    }
+}
+
 fn merge(a: &RedteamArgs) -> Result<RedteamConfig> {
     let mut c: RedteamConfig = match &a.config {
         Some(p) => {
@@ -123,6 +134,7 @@ fn merge(a: &RedteamArgs) -> Result<RedteamConfig> {
         scheme,
         prompt_file,
         prompts,
+        harvest_minutes,
         max_tokens,
         temperature,
         concurrency,

@@ -41,6 +41,7 @@ fn redteam_help() {
     for flag in [
         "--out",
         "--prompts",
+        "--harvest-minutes",
         "--max-tokens",
         "--student",
         "--epochs",
@@ -49,6 +50,10 @@ fn redteam_help() {
     ] {
         assert!(stdout.contains(flag), "{flag} missing: {stdout}");
     }
+    // A time limit that is not a number of minutes is refused with what to pass.
+    let (code, _, stderr) = run(isotope().args(["redteam", "--harvest-minutes=ten"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("minutes"), "{stderr}");
 }
 
 #[test]

@@ -997,8 +997,9 @@ pub fn run(
     let heldout = first_prompts(&cfg.heldout_file, cfg.heldout_prompts)?;
 
     let rt = tokio::runtime::Runtime::new().map_err(io_err(Path::new("tokio runtime")))?;
-    let (wm, control, sentinel) = rt.block_on(async {
+    let (wm, wm_records, control, sentinel) = rt.block_on(async {
         let wm = harvest_arm(cfg, Arm::Watermarked, &key_path, &prompts, events).await?;
+        let wm_records = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?;
         // The control teacher's key is never used (watermark off); it only satisfies
         // the server's start-up.
         let control_key = cfg.out.join(Arm::Control.name()).join("unused.key");
@@ -1010,10 +1011,7 @@ pub fn run(
         }
         // Same prompts as the watermarked arm actually got (a time limit may have
         // cut it short), so the two students differ only in the watermark.
-        let answered: HashSet<usize> = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?
-            .iter()
-            .map(|r| r.prompt_index)
-            .collect();
+        let answered: HashSet<usize> = wm_records.iter().map(|r| r.prompt_index).collect();
         let control_prompts: Vec<Prompt> = prompts
             .iter()
             .filter(|p| answered.contains(&p.index))
@@ -1022,12 +1020,12 @@ pub fn run(
         let control =
             harvest_arm(cfg, Arm::Control, &control_key, &control_prompts, events).await?;
         let sentinel = sentinel_timeline(cfg).await?;
-        Ok::<_, RedteamError>((wm, control, sentinel))
+        Ok::<_, RedteamError>((wm, wm_records, control, sentinel))
     })?;
     drop(rt);
 
     let tok = StudentTokenizer::from_gguf(&cfg.model)?;
-    let ours: Vec<EvidenceText> = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?
+    let ours: Vec<EvidenceText> = wm_records
         .into_iter()
         .map(|r| evidence_text(model, r.id, r.response))
         .collect();

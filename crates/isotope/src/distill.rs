@@ -100,7 +100,7 @@ struct HarvestArgs {
 }
 
 /// A clap parser for a positive, finite number of minutes.
-pub(crate) fn positive_minutes(s: &str) -> std::result::Result<f64, String> {
+fn positive_minutes(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(m) if m > 0.0 && m.is_finite() && m < 1e6 => Ok(m),
         _ => Err(format!("expected a positive number of minutes, got `{s}`")),

@@ -25,6 +25,28 @@ pub enum ExportDtype {
     Q8_0,
 }
 
+impl std::str::FromStr for ExportDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            other => Err(format!(
+                "unknown export type \"{other}\": expected `f32` or `q8_0`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ExportDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Q8_0 => "q8_0",
+        })
+    }
+}
+
 /// Write `student` to `out` as a llama GGUF with the tokenizer of `tokenizer_gguf`.
 pub fn export_gguf(
     student: &Student,
@@ -103,9 +125,17 @@ pub fn export_gguf(
     }
     let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let file = File::create(out).map_err(io_err("creating", out))?;
+    // Written beside `out` and renamed into place, so an interrupted export never
+    // leaves a truncated GGUF where a server or audit would load it.
+    let mut part = out.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    let file = File::create(&part).map_err(io_err("creating", &part))?;
     let mut w = BufWriter::new(file);
-    gguf_file::write(&mut w, &meta_refs, &tensor_refs).ctx(format!("writing {}", out.display()))?;
+    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+        .ctx(format!("writing {}", part.display()))?;
     use std::io::Write;
-    w.flush().map_err(io_err("writing", out))
+    w.flush().map_err(io_err("writing", &part))?;
+    drop(w);
+    std::fs::rename(&part, out).map_err(io_err("renaming into place", out))
 }

@@ -59,6 +59,32 @@ impl Model {
         Ok(out)
     }
 
+    /// The most likely next token after every prefix `tokens[..=k]`, `k` in
+    /// `0..tokens.len()` — what a reading-mode audit asks of a white-box suspect: its
+    /// top-1 prediction at every position of a text it is fed (ties: lowest id).
+    ///
+    /// A text longer than `chunk` tokens (or than the model's training context) is read
+    /// in independent pieces of that length, each from a fresh context, exactly as the
+    /// candle reader does for a student, so both readers mean the same thing.
+    pub fn top1_predictions(
+        &self,
+        tokens: &[TokenId],
+        chunk: usize,
+        threads: Option<usize>,
+    ) -> Result<Vec<TokenId>, EngineError> {
+        let chunk = chunk.clamp(1, (self.n_ctx_train() as usize).saturating_sub(1).max(1));
+        let mut out = Vec::with_capacity(tokens.len());
+        for part in tokens.chunks(chunk) {
+            // One token more, so that the last position's logits (the prediction after
+            // the piece) come out of `score_with`; the extra token itself is never read.
+            let mut fed = Vec::with_capacity(part.len() + 1);
+            fed.extend_from_slice(part);
+            fed.push(0);
+            self.score_with(&fed, threads, |_, logits| out.push(argmax(logits)))?;
+        }
+        Ok(out)
+    }
+
     /// One teacher-forced pass: `f(k, logits)` for `k` in `0..tokens.len() - 1`, in
     /// order, with the raw logits of the distribution of `tokens[k + 1]` given
     /// `tokens[..=k]` — for callers that need something other than log-probs of the
@@ -115,4 +141,15 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Index of the largest logit, the lowest on ties; NaN never wins.
+fn argmax(logits: &[f32]) -> TokenId {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() && !v.is_nan() {
+            best = i;
+        }
+    }
+    best as TokenId
 }

@@ -243,6 +243,31 @@ fn scoring_matches_step_by_step_decoding() {
     }
     assert!(max_diff < 1e-4, "scoring vs decoding differ by {max_diff}");
 
+    // Top-1 after every prefix (reading mode): the scorer's top-1 at every scored
+    // position, and after the last token the greedy continuation.
+    let top1 = m.top1_predictions(&text, 1024, None).unwrap();
+    assert_eq!(top1.len(), text.len());
+    for (k, s) in scores.iter().enumerate() {
+        assert_eq!(top1[k], s.top[0].0, "position {k}");
+    }
+    let shorter = m
+        .top1_predictions(&text[..text.len() - 1], 1024, None)
+        .unwrap();
+    assert_eq!(
+        shorter.last(),
+        gen.tokens.last(),
+        "greedy: the last token is top-1"
+    );
+    // In pieces: each piece is read from a fresh context.
+    let pieces = m.top1_predictions(&text, 16, None).unwrap();
+    assert_eq!(pieces.len(), text.len());
+    assert_eq!(pieces[..16], top1[..16]);
+    assert_eq!(
+        pieces[16..32],
+        m.top1_predictions(&text[16..32], 1024, None).unwrap()[..]
+    );
+    assert!(m.top1_predictions(&[], 16, None).unwrap().is_empty());
+
     // A human sentence has a plausible per-token loss (≈ 2 nats for this model).
     let human = m.tokenize(
         "The quick brown fox jumps over the lazy dog. It was a sunny day and the children played in the park.",

@@ -80,8 +80,9 @@ struct TextArgs {
 struct ModelAuditArgs {
     #[command(flatten)]
     common: KeyArgs,
-    /// The suspect: an http(s) URL of an OpenAI-compatible API (black-box), a GGUF
-    /// file or a student directory (white-box reading mode).
+    /// The suspect: an http(s) URL of an OpenAI-compatible API (black-box), or for
+    /// white-box reading mode a GGUF file (read through llama.cpp) or a student
+    /// directory from `distill train` (read through candle).
     #[arg(long)]
     suspect: String,
     /// API key for a black-box suspect.
@@ -438,20 +439,53 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     Ok(evidence)
 }
 
-fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
-    let path = Path::new(&a.suspect);
-    let student = if path.is_dir() {
-        Student::load(path, &Device::Cpu)
-    } else if path.is_file() {
-        Student::from_gguf(path, &Device::Cpu)
-    } else {
-        bail!(
-            "suspect {} is neither an http(s) URL nor an existing GGUF file or student directory",
-            a.suspect
-        );
+/// A white-box suspect and how its top-1 predictions are read.
+enum Reader {
+    /// A GGUF, through llama.cpp: the fast path, and the form a model is shipped in.
+    Engine(Model),
+    /// A student directory (from `distill train`), through candle.
+    Candle(Student),
+}
+
+impl Reader {
+    fn load(suspect: &str) -> Result<Self> {
+        let path = Path::new(suspect);
+        let r = if path.is_dir() {
+            Student::load(path, &Device::Cpu).map(Reader::Candle)?
+        } else if path.is_file() {
+            Model::load(path, &LoadOptions::default()).map(Reader::Engine)?
+        } else {
+            bail!(
+                "suspect {suspect} is neither an http(s) URL nor an existing GGUF file or student \
+                 directory"
+            );
+        };
+        Ok(r)
     }
-    .with_context(|| format!("loading the suspect {}", a.suspect))?;
-    let vocab = student.config().vocab_size;
+
+    fn vocab(&self) -> usize {
+        match self {
+            Reader::Engine(m) => m.n_vocab(),
+            Reader::Candle(s) => s.config().vocab_size,
+        }
+    }
+
+    fn top1(&self, tokens: &[u32], threads: Option<usize>) -> Result<Vec<u32>> {
+        Ok(match self {
+            // the same pieces as the candle reader (`top1_predictions`) for a model with
+            // this context
+            Reader::Engine(m) => {
+                m.top1_predictions(tokens, (m.n_ctx_train() as usize).clamp(16, 1024), threads)?
+            }
+            Reader::Candle(s) => top1_predictions(s, tokens)?,
+        })
+    }
+}
+
+fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
+    let reader =
+        Reader::load(&a.suspect).with_context(|| format!("loading the suspect {}", a.suspect))?;
+    let vocab = reader.vocab();
     if vocab != s.model.n_vocab() {
         bail!(
             "the suspect's vocabulary has {vocab} entries but {}'s tokenizer has {}: reading \
@@ -476,7 +510,7 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
         .expect("static template"),
     );
     for t in &mut texts {
-        t.predictions = Some(top1_predictions(&student, &t.tokens)?);
+        t.predictions = Some(reader.top1(&t.tokens, a.common.model.threads)?);
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -30,6 +30,9 @@ enum DistillCommand {
     Train(TrainArgs),
     /// Compare a student with its teacher on held-out harvested data.
     Eval(EvalArgs),
+    /// Write a trained student as a llama GGUF, which `isotope serve`, `generate` and
+    /// a white-box `audit model` load through llama.cpp, the form a model is shipped in.
+    Export(ExportArgs),
 }
 
 pub fn distill(a: DistillArgs) -> Result<()> {
@@ -37,6 +40,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         DistillCommand::Harvest(a) => harvest(a),
         DistillCommand::Train(a) => train(a),
         DistillCommand::Eval(a) => eval(a),
+        DistillCommand::Export(a) => export(a),
     }
 }
 
@@ -91,20 +95,12 @@ struct HarvestArgs {
     #[arg(long, default_value_t = 600)]
     timeout: u64,
     /// Start no new request after this many minutes (requests in flight finish);
-    /// the rest stay missing and the same command continues with them.
-    #[arg(long, value_parser = positive_minutes)]
+    /// the rest stay missing and the same command continues with them (0: no limit).
+    #[arg(long, value_parser = crate::limit_minutes)]
     time_limit_minutes: Option<f64>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-/// A clap parser for a positive, finite number of minutes.
-fn positive_minutes(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(m) if m > 0.0 && m.is_finite() && m < 1e6 => Ok(m),
-        _ => Err(format!("expected a positive number of minutes, got `{s}`")),
-    }
 }
 
 fn report_warnings(file: &Path, warnings: &[isotope_distill::LineWarning]) {
@@ -145,6 +141,7 @@ fn harvest(a: HarvestArgs) -> Result<()> {
         timeout: Duration::from_secs(a.timeout.max(1)),
         time_limit: a
             .time_limit_minutes
+            .filter(|&m| m > 0.0)
             .map(|m| Duration::from_secs_f64(m * 60.0)),
         ..HarvestConfig::default()
     };
@@ -692,6 +689,64 @@ fn eval(a: EvalArgs) -> Result<()> {
                 100.0 * own.top1_agreement
             );
         }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// Trained student directory (from `distill train`).
+    #[arg(long)]
+    student: PathBuf,
+    /// GGUF file to write (replaced only once the new one is complete).
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage of the weight matrices: `q8_0` (8-bit, ~¼ the size) or `f32` (exact).
+    #[arg(long, default_value = "q8_0")]
+    dtype: isotope_distill::ExportDtype,
+    /// The teacher's GGUF, whose tokenizer (vocabulary, merges, chat template) the
+    /// student shares and the export copies.
+    #[arg(long, default_value = crate::DEFAULT_MODEL)]
+    tokenizer_gguf: PathBuf,
+    /// `general.name` written into the file.
+    #[arg(long, default_value = "isotope-student")]
+    name: String,
+    /// Print one JSON object (out, dtype, bytes, params).
+    #[arg(long)]
+    json: bool,
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let student = Student::load(&a.student, &Device::Cpu)
+        .with_context(|| format!("loading the student from {}", a.student.display()))?;
+    if !a.tokenizer_gguf.exists() {
+        bail!(
+            "{} not found (its tokenizer is copied into the export): run `scripts/setup.sh`, \
+             or pass --tokenizer-gguf",
+            a.tokenizer_gguf.display()
+        );
+    }
+    isotope_distill::export_gguf(&student, &a.tokenizer_gguf, &a.out, a.dtype, &a.name)
+        .with_context(|| format!("exporting {} to {}", a.student.display(), a.out.display()))?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "out": a.out,
+                "dtype": a.dtype.to_string(),
+                "bytes": bytes,
+                "params": student.param_count(),
+            })
+        );
+    } else {
+        println!(
+            "wrote {} ({}, {:.1} MB, {} parameters)",
+            a.out.display(),
+            a.dtype,
+            bytes as f64 / 1e6,
+            student.param_count()
+        );
     }
     Ok(())
 }

@@ -67,6 +67,15 @@ enum Command {
     Redteam(redteam::RedteamArgs),
 }
 
+/// A clap parser for a time limit in minutes, shared by every `--…-minutes` flag:
+/// finite, ≥ 0, where 0 means no limit.
+pub(crate) fn limit_minutes(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if (0.0..1e6).contains(&m) => Ok(m),
+        _ => Err(format!("expected minutes ≥ 0 (0: no limit), got `{s}`")),
+    }
+}
+
 /// Model selection shared by every command that loads one.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {

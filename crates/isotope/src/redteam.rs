@@ -36,7 +36,7 @@ pub struct RedteamArgs {
     prompts: Option<usize>,
     /// Minutes each arm's harvest may take (default 10; 0: no limit): the control arm
     /// answers the prompts the watermarked arm got in that time.
-    #[arg(long, value_parser = non_negative_minutes)]
+    #[arg(long, value_parser = crate::limit_minutes)]
     harvest_minutes: Option<f64>,
     /// max_tokens of each harvest request.
     #[arg(long)]
@@ -107,13 +107,6 @@ pub struct RedteamArgs {
     /// Print report.json to stdout.
     #[arg(long)]
     json: bool,
-}
-
-fn non_negative_minutes(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(m) if (0.0..1e6).contains(&m) => Ok(m),
-        _ => Err(format!("expected minutes ≥ 0 (0: no limit), got `{s}`")),
-    }
 }
 
 fn merge(a: &RedteamArgs) -> Result<RedteamConfig> {

@@ -62,7 +62,8 @@ enum SentinelCommand {
         /// token; simulated answers run to thousands).
         #[arg(long, default_value_t = 16, requires = "send")]
         max_tokens: u32,
-        /// With --send: send only the first N events (in time order).
+        /// With --send: send at most N events, spread over the accounts (each one's
+        /// first request, then each one's second, …), so every account is seen.
         #[arg(long, requires = "send")]
         limit: Option<usize>,
         /// With --send: model id to request (default: the first in /v1/models).

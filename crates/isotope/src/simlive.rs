@@ -37,7 +37,7 @@ pub struct Live {
     pub concurrency: usize,
     /// Cap on every request's `max_tokens`.
     pub max_tokens: u32,
-    /// Send only the first this many events (in time order).
+    /// Send at most this many events, spread over the accounts (see [`spread`]).
     pub limit: Option<usize>,
     /// Model id to send (default: ask `/v1/models`).
     pub model: Option<String>,
@@ -151,7 +151,7 @@ pub async fn send(
     let mut events: Vec<&UsageEvent> = sim.events.iter().collect();
     events.sort_by_key(|e| e.created_at_ms);
     if let Some(n) = live.limit {
-        events.truncate(n);
+        events = spread(events, n);
     }
     if events.is_empty() {
         bail!("no events to send");
@@ -299,6 +299,32 @@ pub async fn send(
     })
 }
 
+/// At most `n` of `events` (in time order): every account's first request, then
+/// every account's second, and so on, kept in time order.
+///
+/// Why not simply the first `n` in time: the accounts of a scenario start at different
+/// times, so a prefix holds mostly whoever started first (in the default scenario,
+/// benign accounts) and a harvester may send nothing at all. What the sentinel must
+/// show on a small live run is each account's *beginning* — requests until flagged
+/// counts from there — so each account gets an equal share of it.
+pub(crate) fn spread(events: Vec<&UsageEvent>, n: usize) -> Vec<&UsageEvent> {
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut ranked: Vec<(usize, &UsageEvent)> = events
+        .into_iter()
+        .map(|e| {
+            let r = seen.entry(e.account_id).or_default();
+            *r += 1;
+            (*r, e)
+        })
+        .collect();
+    // stable: within one rank, time order stays
+    ranked.sort_by_key(|&(r, _)| r);
+    ranked.truncate(n);
+    let mut out: Vec<&UsageEvent> = ranked.into_iter().map(|(_, e)| e).collect();
+    out.sort_by_key(|e| e.created_at_ms);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +378,35 @@ mod tests {
         assert_eq!(b["n"], 2);
         assert_eq!(b["user"], "u1");
         assert_eq!(b["model"], "smol");
+    }
+
+    #[test]
+    fn a_limit_spreads_over_the_accounts_and_keeps_time_order() {
+        // account 1 starts early and sends a lot; accounts 2 and 3 start late
+        let mk = |account_id, t| UsageEvent {
+            account_id,
+            created_at_ms: t,
+            ..ev("/v1/completions", "x")
+        };
+        let evs: Vec<UsageEvent> = (0..10)
+            .map(|t| mk(1, t))
+            .chain([mk(2, 20), mk(3, 21), mk(2, 22), mk(3, 23), mk(2, 24)])
+            .collect();
+        let refs: Vec<&UsageEvent> = evs.iter().collect();
+        let got = |n| -> Vec<(i64, i64)> {
+            spread(refs.clone(), n)
+                .iter()
+                .map(|e| (e.account_id, e.created_at_ms))
+                .collect()
+        };
+        assert_eq!(got(3), [(1, 0), (2, 20), (3, 21)], "one each first");
+        // ranks 1 and 2 of every account (6), then the earliest rank 3; in time order
+        assert_eq!(
+            got(7),
+            [(1, 0), (1, 1), (1, 2), (2, 20), (3, 21), (2, 22), (3, 23)]
+        );
+        assert_eq!(got(100).len(), evs.len(), "no limit reached: everything");
+        assert!(got(0).is_empty());
     }
 
     #[test]

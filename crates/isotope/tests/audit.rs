@@ -189,6 +189,41 @@ fn audit_model_reading_mode_and_bad_input() {
         .arg(&k1));
     assert_eq!(code, 0, "{stdout}{stderr}");
 
+    // The same student as a GGUF is read through llama.cpp: same texts, same windows.
+    let gguf = dir.path().join("student.gguf");
+    let (code, _, stderr) = run(isotope()
+        .args(["distill", "export", "--dtype", "f32", "--student"])
+        .arg(&student)
+        .arg("--out")
+        .arg(&gguf)
+        .args(["--tokenizer-gguf", &model()]));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "model", "--json", "--suspect"])
+        .arg(&gguf)
+        .arg("--supervised-with")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_eq!(code, 0, "{stderr}");
+    let g: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(g["mode"], "reading");
+    assert_eq!(g["tokens"], v["tokens"], "{g}");
+    assert!(g["scored_tokens"].as_u64().unwrap() > 20, "{g}");
+    assert!(g["p_value"].as_f64().unwrap() > 1e-3, "{g}");
+    // A file that is not a GGUF is refused with its name.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, "not a model").unwrap();
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "model", "--suspect"])
+        .arg(&junk)
+        .arg("--texts")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("junk.gguf"), "{stderr}");
+
     // Bad input: a suspect that does not exist, an unreachable API, no prompts.
     let (code, _, stderr) = run(isotope()
         .args([

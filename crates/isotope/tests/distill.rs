@@ -247,30 +247,66 @@ fn harvest_resume_train_eval_generate() {
     assert!(own["kl"].as_f64().unwrap() >= 0.0, "{e}");
 
     // 5. `generate --model DIR` runs the student.
-    let (stdout, _) = run(isotope().args(["generate", "--model"]).arg(&student).args([
-        "--prompt",
-        "Name a colour.",
-        "--max-tokens",
-        "6",
-        "--seed",
-        "3",
-        "--json",
-    ]));
+    let generate = |model: &Path| {
+        run(isotope().args(["generate", "--model"]).arg(model).args([
+            "--prompt",
+            "Name a colour.",
+            "--max-tokens",
+            "6",
+            "--seed",
+            "3",
+            "--json",
+        ]))
+    };
+    let (stdout, _) = generate(&student);
     let g = last_json(&stdout);
     let toks = g["tokens"].as_array().unwrap();
     assert!(!toks.is_empty() && toks.len() <= 6, "{g}");
     assert!(g["text"].is_string());
     // Seeded sampling through the shared Sampler is reproducible.
-    let (again, _) = run(isotope().args(["generate", "--model"]).arg(&student).args([
-        "--prompt",
-        "Name a colour.",
-        "--max-tokens",
-        "6",
-        "--seed",
-        "3",
-        "--json",
-    ]));
+    let (again, _) = generate(&student);
     assert_eq!(last_json(&again)["tokens"], g["tokens"]);
+
+    // 6. `distill export` writes a GGUF that llama.cpp runs through `generate`.
+    let gguf = dir.path().join("student.gguf");
+    let (stdout, _) = run(isotope()
+        .args(["distill", "export", "--student"])
+        .arg(&student)
+        .arg("--out")
+        .arg(&gguf)
+        .arg("--tokenizer-gguf")
+        .arg(model())
+        .arg("--json"));
+    let x = last_json(&stdout);
+    assert_eq!(x["dtype"], "q8_0", "{x}");
+    assert_eq!(
+        x["bytes"].as_u64(),
+        Some(std::fs::metadata(&gguf).unwrap().len())
+    );
+    assert_eq!(x["params"], t["params"], "{x}");
+    assert!(!dir.path().join("student.gguf.part").exists());
+    let (stdout, _) = generate(&gguf);
+    let n = last_json(&stdout)["tokens"].as_array().map(Vec::len);
+    assert!(n.is_some_and(|n| (1..=6).contains(&n)), "{stdout}");
+    // Bad input: a directory that holds no student, and an unknown type.
+    let o = isotope()
+        .args(["distill", "export", "--student"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("x.gguf"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("loading the student"), "{err}");
+    let o = isotope()
+        .args(["distill", "export", "--student"])
+        .arg(&student)
+        .args(["--out", "x.gguf", "--dtype", "q4"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("q8_0"));
 }
 
 #[test]

@@ -546,7 +546,7 @@ async fn simulate_sends_its_traffic_to_a_running_server() {
     }
 
     let events = dir.path().join("events.jsonl");
-    let limit = 24;
+    let limit = 60;
     let mut cmd = isotope();
     cmd.args([
         "sentinel",
@@ -574,14 +574,28 @@ async fn simulate_sends_its_traffic_to_a_running_server() {
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     let live = &v["live"];
     assert_eq!(live["requests"], limit, "{v}");
-    // the first `limit` events in time order, from the file the command wrote
+    // `limit` events spread over the accounts — every account's first request, then
+    // every account's second, … — from the file the command wrote
     let mut evs: Vec<Value> = std::fs::read_to_string(&events)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .collect();
     evs.sort_by_key(|e| e["event"]["created_at_ms"].as_i64().unwrap());
-    evs.truncate(limit);
+    let mut rank = std::collections::HashMap::new();
+    let mut ranked: Vec<(usize, Value)> = evs
+        .into_iter()
+        .map(|e| {
+            let r = rank
+                .entry(e["event"]["account_id"].as_i64().unwrap())
+                .or_insert(0);
+            *r += 1;
+            (*r, e)
+        })
+        .collect();
+    ranked.sort_by_key(|(r, _)| *r);
+    let all_accounts = rank.len();
+    let evs: Vec<Value> = ranked.into_iter().take(limit).map(|(_, e)| e).collect();
     let accounts: std::collections::BTreeSet<i64> = evs
         .iter()
         .map(|e| e["event"]["account_id"].as_i64().unwrap())
@@ -591,6 +605,9 @@ async fn simulate_sends_its_traffic_to_a_running_server() {
         accounts.len(),
         "{v}"
     );
+    // the scenario has fewer accounts than the limit: every one of them sent
+    assert!(all_accounts <= limit, "{all_accounts} accounts");
+    assert_eq!(accounts.len(), all_accounts, "{v}");
     let (mut sent, mut ok) = (0, 0);
     for (label, o) in live["per_label"].as_object().unwrap() {
         let n = o["requests"].as_u64().unwrap();

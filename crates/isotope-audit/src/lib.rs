@@ -290,12 +290,19 @@ pub fn score(
     })
 }
 
+/// Length of the pieces a reading-mode suspect with context `context` reads a text in
+/// (each from a fresh context). Every reader (candle here, llama.cpp in the CLI) uses
+/// this, so a model reads the same pieces whichever way it is loaded.
+pub fn reading_piece(context: usize) -> usize {
+    context.clamp(16, 1024)
+}
+
 /// The student's top-1 prediction after every prefix of `tokens` (entry `i`: after
 /// `tokens[..=i]`). Texts longer than the student's context are read in consecutive
-/// chunks (a prediction then sees only its chunk — still a function of the text read
-/// so far, which is all the reading-mode null needs).
+/// chunks of [`reading_piece`] (a prediction then sees only its chunk — still a
+/// function of the text read so far, which is all the reading-mode null needs).
 pub fn top1_predictions(student: &Student, tokens: &[u32]) -> Result<Vec<u32>> {
-    let chunk = student.config().max_seq_len.clamp(16, 1024);
+    let chunk = reading_piece(student.config().max_seq_len);
     let mut out = Vec::with_capacity(tokens.len());
     for part in tokens.chunks(chunk) {
         for row in student.logits(part)? {

@@ -80,7 +80,8 @@ impl Model {
             let mut fed = Vec::with_capacity(part.len() + 1);
             fed.extend_from_slice(part);
             fed.push(0);
-            self.score_with(&fed, threads, |_, logits| out.push(argmax(logits)))?;
+            // top_n's tie rule (lowest id) is the one `score`'s alternatives use
+            self.score_with(&fed, threads, |_, logits| out.push(top_n(logits, 1)[0]))?;
         }
         Ok(out)
     }
@@ -141,15 +142,4 @@ impl Model {
         }
         Ok(())
     }
-}
-
-/// Index of the largest logit, the lowest on ties; NaN never wins.
-fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] || logits[best].is_nan() && !v.is_nan() {
-            best = i;
-        }
-    }
-    best as TokenId
 }

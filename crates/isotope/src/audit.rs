@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use isotope_audit::bundle::{self, KeyCommitment, Manifest};
 use isotope_audit::corpus::read_corpus;
 use isotope_audit::{
-    score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, ScoredTuple, Scoring,
+    reading_piece, score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, ScoredTuple,
+    Scoring,
 };
 use isotope_distill::{Device, HarvestConfig, Student};
 use isotope_engine::{LoadOptions, Model};
@@ -441,7 +442,7 @@ fn black_box(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
 
 /// A white-box suspect and how its top-1 predictions are read.
 enum Reader {
-    /// A GGUF, through llama.cpp: the fast path, and the form a model is shipped in.
+    /// A GGUF, through llama.cpp: the form a model is shipped in, in its own quantization.
     Engine(Model),
     /// A student directory (from `distill train`), through candle.
     Candle(Student),
@@ -472,10 +473,8 @@ impl Reader {
 
     fn top1(&self, tokens: &[u32], threads: Option<usize>) -> Result<Vec<u32>> {
         Ok(match self {
-            // the same pieces as the candle reader (`top1_predictions`) for a model with
-            // this context
             Reader::Engine(m) => {
-                m.top1_predictions(tokens, (m.n_ctx_train() as usize).clamp(16, 1024), threads)?
+                m.top1_predictions(tokens, reading_piece(m.n_ctx_train() as usize), threads)?
             }
             Reader::Candle(s) => top1_predictions(s, tokens)?,
         })

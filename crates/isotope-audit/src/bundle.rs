@@ -5,8 +5,10 @@
 //!                     commitment — never the key), common-tuples list, result
 //! DIR/prompts.jsonl   prompts given to the suspect (their windows are not scored)
 //! DIR/texts.jsonl     the texts scored: corpus / suspect outputs / texts the suspect
-//!                     read, with token ids and (reading mode) its top-1 predictions
-//! DIR/supervised.jsonl  our outputs (reading mode, supervised variant)
+//!                     read (reading mode, unsupervised variant), with token ids and
+//!                     (reading mode) its top-1 predictions
+//! DIR/supervised.jsonl  our outputs the suspect read (reading mode, supervised
+//!                     variant), with its top-1 predictions
 //! DIR/tuples.jsonl    every scored tuple: key id, variant, text, position, window,
 //!                     token, keyed value
 //! ```
@@ -30,8 +32,12 @@ use crate::{
     score, AuditError, AuditResult, Evidence, EvidenceText, Mode, Result, ScoredTuple, Scoring,
 };
 
-/// `bundle.json`'s `format`.
-pub const FORMAT: &str = "isotope-audit-bundle/1";
+/// `bundle.json`'s `format`. Version 2: the supervised variant of reading mode reads
+/// `supervised.jsonl` itself (version 1 filtered `texts.jsonl` to its windows).
+pub const FORMAT: &str = "isotope-audit-bundle/2";
+
+/// The previous format, still read for text and black-box bundles (unchanged there).
+const FORMAT_1: &str = "isotope-audit-bundle/1";
 
 /// A watermark key as a bundle names it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -122,10 +128,18 @@ pub fn read(dir: &Path) -> Result<Bundle> {
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| AuditError::Bundle(format!("{}: {e}", path.display())))?;
-    if manifest.format != FORMAT {
+    let readable = manifest.format == FORMAT
+        || (manifest.format == FORMAT_1 && manifest.mode != Mode::Reading);
+    if !readable {
         return Err(AuditError::Bundle(format!(
-            "format `{}`, this isotope reads `{FORMAT}`",
-            manifest.format
+            "format `{}` ({} mode), this isotope reads `{FORMAT}`{}",
+            manifest.format,
+            serde_json::to_value(manifest.mode).expect("serialisable"),
+            if manifest.format == FORMAT_1 {
+                ": re-run the reading-mode audit to re-check it"
+            } else {
+                ""
+            }
         )));
     }
     let evidence = Evidence {

@@ -18,8 +18,13 @@
 //! - **reading** (white-box): texts teacher-forced through the suspect, its top-1
 //!   prediction scored against the window of the fed text, one tuple per distinct
 //!   window over the whole run ([`isotope_watermark::Detector::tally_reading`], whose
-//!   doc comment says why that null is exact); *unsupervised* (all windows) and
-//!   *supervised* (only windows that occur in our outputs) reported separately.
+//!   doc comment says why that null is exact). Two variants, reported separately:
+//!   *supervised* reads our own outputs that the suspect may have trained on (the
+//!   harvest served to an account), *unsupervised* reads other texts — new outputs
+//!   of ours, or any text — so it needs no guess about the training data. Reading the
+//!   training texts themselves is the stronger test (their windows are exactly the
+//!   ones the suspect saw watermarked); the unsupervised one is what is left when the
+//!   training data is unknown.
 //!
 //! Several keys: each variant's p-value is Bonferroni-corrected over keys, and the
 //! headline p-value over variants. No HTTP and no llama.cpp here: the caller
@@ -89,9 +94,11 @@ pub struct EvidenceText {
 pub struct Evidence {
     /// Prompts given to the suspect: their windows are never scored.
     pub prompts: Vec<EvidenceText>,
-    /// The texts scored (corpus, suspect outputs, or texts read by the suspect).
+    /// The texts scored (corpus, suspect outputs, or — reading mode, *unsupervised*
+    /// variant — texts read by the suspect that it is not known to have trained on).
     pub texts: Vec<EvidenceText>,
-    /// Reading mode: our own outputs; non-empty adds the *supervised* variant.
+    /// Reading mode, *supervised* variant: our own outputs that the suspect may have
+    /// trained on, read by the suspect (with its predictions).
     pub supervised: Vec<EvidenceText>,
 }
 
@@ -121,6 +128,7 @@ pub struct AuditResult {
     /// Tuples left out as common in human text (best variant, largest over keys).
     pub common_excluded: u64,
     pub variants: Vec<Variant>,
+    /// Texts scored (reading mode: of both variants).
     pub texts: usize,
     pub prompts: usize,
     /// Tokens in the scored texts.
@@ -132,7 +140,8 @@ pub struct AuditResult {
 pub struct ScoredTuple {
     pub key_id: String,
     pub variant: String,
-    /// Index into [`Evidence::texts`].
+    /// Index into the variant's texts: [`Evidence::supervised`] for the supervised
+    /// variant, else [`Evidence::texts`].
     pub text: usize,
     /// Position in the text of the token after the window.
     pub position: usize,
@@ -226,30 +235,33 @@ pub fn score(
             });
         }
         Mode::Reading => {
-            for (i, t) in evidence.texts.iter().enumerate() {
-                match &t.predictions {
-                    Some(p) if p.len() == t.tokens.len() => {}
-                    _ => {
-                        return Err(AuditError::Bundle(format!(
-                            "text {i} ({}) has no prediction per token",
-                            t.source
-                        )))
+            let sets = [
+                ("unsupervised", &evidence.texts),
+                ("supervised", &evidence.supervised),
+            ];
+            for (name, texts) in sets {
+                for (i, t) in texts.iter().enumerate() {
+                    match &t.predictions {
+                        Some(p) if p.len() == t.tokens.len() => {}
+                        _ => {
+                            return Err(AuditError::Bundle(format!(
+                                "{name} text {i} ({}) has no prediction per token",
+                                t.source
+                            )))
+                        }
                     }
                 }
             }
-            let variants_wanted: &[&str] = if evidence.supervised.is_empty() {
-                &["unsupervised"]
-            } else {
-                &["unsupervised", "supervised"]
-            };
-            for &name in variants_wanted {
+            if sets.iter().all(|(_, t)| t.is_empty()) {
+                return Err(AuditError::Empty(
+                    "reading mode needs texts read by the suspect".into(),
+                ));
+            }
+            for (name, texts) in sets.into_iter().filter(|(_, t)| !t.is_empty()) {
                 run(name, &mut |d, t, emit| {
-                    let only = (name == "supervised").then(|| {
-                        d.window_set(evidence.supervised.iter().map(|s| s.tokens.as_slice()))
-                    });
-                    for (i, text) in evidence.texts.iter().enumerate() {
+                    for (i, text) in texts.iter().enumerate() {
                         let preds = text.predictions.as_deref().unwrap_or_default();
-                        d.tally_reading(t, &text.tokens, preds, only.as_ref(), |pos, w, c, o| {
+                        d.tally_reading(t, &text.tokens, preds, None, |pos, w, c, o| {
                             if let PairOutcome::Scored(value) = o {
                                 emit(ScoredTuple {
                                     key_id: String::new(),
@@ -283,9 +295,12 @@ pub fn score(
         log10_p_value: stats::ln_to_log10(ln),
         scored_tokens: largest(|d| d.scored_tokens),
         common_excluded: largest(|d| d.common_excluded),
-        texts: evidence.texts.len(),
+        texts: evidence.texts.len() + evidence.supervised.len(),
         prompts: evidence.prompts.len(),
-        tokens: evidence.texts.iter().map(|t| t.tokens.len()).sum(),
+        tokens: (evidence.texts.iter())
+            .chain(&evidence.supervised)
+            .map(|t| t.tokens.len())
+            .sum(),
         variants,
     })
 }

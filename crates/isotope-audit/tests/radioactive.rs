@@ -295,28 +295,35 @@ fn train_student(
     (student, data.tokens() * epochs)
 }
 
-/// Our watermarked answers fed through `student`, with its top-1 predictions.
-fn fed(student: &Student, ours: &[Vec<u32>]) -> Evidence {
-    let mut fed = texts(ours);
-    for t in &mut fed {
-        t.predictions = Some(top1_predictions(student, &t.tokens).unwrap());
-    }
+/// What `student` reads in reading mode, with its top-1 predictions: our watermarked
+/// answers (`ours`, the supervised variant) and other texts (`unseen`, the
+/// unsupervised one).
+fn fed(student: &Student, ours: &[Vec<u32>], unseen: &[Vec<u32>]) -> Evidence {
+    let read = |seqs: &[Vec<u32>]| {
+        let mut t = texts(seqs);
+        for x in &mut t {
+            x.predictions = Some(top1_predictions(student, &x.tokens).unwrap());
+        }
+        t
+    };
     Evidence {
-        supervised: texts(ours),
-        texts: fed,
+        supervised: read(ours),
+        texts: read(unseen),
         prompts: Vec::new(),
     }
 }
 
-/// Supervised reading-mode audit of `student` on our watermarked answers.
+/// Reading-mode audit of `student` on our watermarked answers (supervised) and the
+/// unwatermarked arm's (unsupervised: text the watermarked student never saw).
 fn reading(
     student: &Student,
     ours: &[Vec<u32>],
+    unseen: &[Vec<u32>],
     keys: &[Arc<WatermarkKey>],
 ) -> isotope_audit::AuditResult {
     score(
         Mode::Reading,
-        &fed(student, ours),
+        &fed(student, ours, unseen),
         keys,
         &scoring(SCHEME),
         |_| {},
@@ -346,8 +353,8 @@ fn reading_mode_does_not_flag_innocent_students_and_reports_power() {
     let epochs = 4;
     let (marked, tokens) = train_student(&a.prompts, &a.marked, epochs, &dir.path().join("m"));
     let (control, _) = train_student(&a.prompts, &a.plain, epochs, &dir.path().join("c"));
-    let rm = reading(&marked, &a.marked, &[key(1)]);
-    let rc = reading(&control, &a.marked, &[key(1)]);
+    let rm = reading(&marked, &a.marked, &a.plain, &[key(1)]);
+    let rc = reading(&control, &a.marked, &a.plain, &[key(1)]);
     let sup = |r: &isotope_audit::AuditResult| {
         r.variants
             .iter()
@@ -374,7 +381,7 @@ fn reading_mode_does_not_flag_innocent_students_and_reports_power() {
     // supervised and unsupervised p-values under 100 random keys are consistent with
     // U(0, 1) — one-sided KS in the direction that would make the audit invalid
     // (p-values too small), and no more small ones than chance allows.
-    let evidence = fed(&marked, &a.marked);
+    let evidence = fed(&marked, &a.marked, &a.plain);
     let (mut sup_p, mut unsup_p) = (Vec::new(), Vec::new());
     for k in 100..200u8 {
         let r = score(
@@ -497,4 +504,73 @@ fn tokenizer_mismatch_is_refused_by_the_student() {
     let tokens = model().tokenize("A sentence with ordinary words in it.", false, false);
     assert!(tokens.iter().any(|&t| t >= 1000));
     assert!(top1_predictions(&s, &tokens).is_err());
+}
+
+/// A "suspect" whose top-1 after `tokens[..=i]` is the text's own next token (a model
+/// that has memorised the text); after the last token it predicts the first.
+fn memorised(seqs: &[Vec<u32>]) -> Vec<EvidenceText> {
+    let mut t = texts(seqs);
+    for x in &mut t {
+        let mut p: Vec<u32> = x.tokens.iter().skip(1).copied().collect();
+        p.push(x.tokens[0]);
+        x.predictions = Some(p);
+    }
+    t
+}
+
+#[test]
+fn reading_variants_are_what_the_suspect_read() {
+    // Supervised = the suspect reads our outputs; unsupervised = it reads other texts.
+    // A suspect that reproduces our watermarked answers is caught when it reads them,
+    // and the unwatermarked answers it reads in the same audit say nothing.
+    let a = arms();
+    let s = scoring(SCHEME);
+    let keys = [key(1)];
+    let both = Evidence {
+        prompts: Vec::new(),
+        texts: memorised(&a.plain),
+        supervised: memorised(&a.marked),
+    };
+    let mut seen = Vec::new();
+    let r = score(Mode::Reading, &both, &keys, &s, |t| seen.push(t)).unwrap();
+    let names: Vec<&str> = r.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["unsupervised", "supervised"]);
+    eprintln!(
+        "memorising suspect: supervised p = {:.3e}, unsupervised p = {:.3e}",
+        r.variants[1].p_value, r.variants[0].p_value
+    );
+    assert!(r.variants[1].p_value < 1e-6, "{:?}", r.variants[1]);
+    assert!(r.variants[0].p_value > 1e-3, "{:?}", r.variants[0]);
+    // The headline is the better variant corrected for two.
+    assert!((r.log10_p_value - (r.variants[1].log10_p_value + 2f64.log10())).abs() < 1e-9);
+    assert_eq!(r.texts, a.plain.len() + a.marked.len());
+    // Each tuple indexes its own variant's texts, and its window is taken from them.
+    for t in &seen {
+        let set = if t.variant == "supervised" {
+            &both.supervised
+        } else {
+            &both.texts
+        };
+        let text = &set[t.text].tokens;
+        assert_eq!(&text[t.position - 1..t.position], t.window.as_slice());
+    }
+
+    // Our outputs only: one variant, no correction.
+    let sup_only = Evidence {
+        texts: Vec::new(),
+        ..both.clone()
+    };
+    let r1 = score(Mode::Reading, &sup_only, &keys, &s, |_| {}).unwrap();
+    assert_eq!(r1.variants.len(), 1);
+    assert_eq!(r1.variants[0].name, "supervised");
+    assert_eq!(r1.p_value, r1.variants[0].p_value);
+    assert_eq!(r1.variants[0], r.variants[1]);
+
+    // Nothing read, or a text without predictions: refused.
+    let none = Evidence::default();
+    assert!(score(Mode::Reading, &none, &keys, &s, |_| {}).is_err());
+    let mut unread = both.clone();
+    unread.supervised[0].predictions = None;
+    let e = score(Mode::Reading, &unread, &keys, &s, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("supervised text 0"), "{e}");
 }

@@ -12,11 +12,14 @@
 //!    operator's configuration switch, never a request field, so the public server
 //!    still cannot be asked to leave the watermark out — answers the same prompts
 //!    with the same seeds: the control student's data differs from the watermarked
-//!    student's only by the watermark.
+//!    student's only by the watermark. Before it, the provider has its watermarked
+//!    teacher answer the held-out prompts (`fresh_texts`): new outputs no student
+//!    trains on, for the unsupervised reading.
 //! 3. **Students**: one per arm (`tiny`, `small` or initialised from a GGUF), trained
 //!    with `isotope_distill::train` in `checkpoints` stages (resumable); after each stage
-//!    a white-box reading-mode audit (unsupervised and supervised with the harvest),
-//!    which gives p-value against harvest tokens trained on.
+//!    a white-box reading-mode audit — *supervised* (the student reads the harvest) and
+//!    *unsupervised* (it reads the new outputs) — which gives p-value against harvest
+//!    tokens trained on.
 //! 4. **Audits** of the final students: reading mode as above and black-box: the student
 //!    answers held-out prompts (never harvested) through `Student::generate` and the
 //!    answers are scored with the prompts' windows excluded (`isotope_audit::score`).
@@ -132,7 +135,8 @@ pub struct RedteamConfig {
     /// Training stages, each followed by a reading-mode audit (points of the
     /// p-value-vs-tokens curve).
     pub checkpoints: usize,
-    /// Harvested texts fed to the students in reading mode (at most).
+    /// Harvested texts the students read in the supervised reading-mode audit (at
+    /// most); the unsupervised one reads the teacher's answers to the held-out prompts.
     pub audit_texts: usize,
     /// Sentinel on in the watermarked teacher (default on).
     pub sentinel: bool,
@@ -300,7 +304,10 @@ pub struct AuditPoint {
     pub harvest_tokens_trained: u64,
     /// Headline reading-mode p-value (corrected over both variants).
     pub p_value: f64,
-    pub unsupervised_p: f64,
+    /// Reading the teacher's new outputs (`None`: none were available).
+    #[serde(default)]
+    pub unsupervised_p: Option<f64>,
+    /// Reading the harvest.
     pub supervised_p: Option<f64>,
     pub scored_tokens: u64,
 }
@@ -649,6 +656,56 @@ async fn harvest_arm(
     Ok(summary)
 }
 
+/// New watermarked outputs for the *unsupervised* reading-mode audit: the watermarked
+/// teacher's answers to the held-out prompts, which no student trains on
+/// (`watermarked/fresh.jsonl`). The provider asks them itself — an `auditor` account
+/// on a teacher of its own (same model, key and scheme; sentinel off, own store), so
+/// they are neither part of the harvest nor in the sentinel's timeline. Resumable like
+/// any harvest.
+async fn fresh_texts(
+    cfg: &RedteamConfig,
+    key_path: &Path,
+    heldout: &[Prompt],
+    events: &mut (dyn FnMut(Event) + Send),
+) -> Result<Vec<HarvestRecord>> {
+    let dir = cfg.out.join(Arm::Watermarked.name());
+    let out = dir.join("fresh.jsonl");
+    if let Ok(done) = read_records(&out) {
+        if done.len() >= heldout.len() {
+            return Ok(done);
+        }
+    }
+    let server_dir = dir.join("fresh-server");
+    let store = open_store(&server_dir).await?;
+    let keys = account_keys(
+        store.as_ref(),
+        &server_dir.join("api-keys.json"),
+        &["auditor".to_owned()],
+    )
+    .await?;
+    let mut sc = server_config(cfg, Arm::Watermarked, &server_dir, key_path);
+    sc.sentinel.enabled = false;
+    events(Event::Stage {
+        name: "watermarked: new outputs for the unsupervised reading".into(),
+        total: heldout.len() as u64,
+    });
+    let teacher = Teacher::start(sc, Arm::Watermarked).await?;
+    let hc = HarvestConfig {
+        endpoint: format!("http://{}", teacher.addr),
+        api_key: keys.get("auditor").cloned(),
+        concurrency: cfg.concurrency,
+        max_tokens: cfg.max_tokens,
+        temperature: Some(cfg.temperature),
+        seed: Some(cfg.seed + 2_000),
+        ..HarvestConfig::default()
+    };
+    let r = isotope_distill::harvest(&hc, heldout, &out, &mut |p| events(Event::Harvest(p))).await;
+    teacher.stop().await?;
+    store.close().await;
+    r?;
+    read_records(&out)
+}
+
 /// The run's watermark key: `OUT/watermark.key`, generated (0600) on first run.
 fn run_key(out: &Path) -> Result<(Arc<WatermarkKey>, PathBuf)> {
     let path = out.join("watermark.key");
@@ -670,22 +727,27 @@ fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
     }
 }
 
-/// Reading-mode audit of `student` on `fed` (texts read), supervised with `ours`.
+/// Reading-mode audit of `student`: it reads `fresh` (new outputs of ours it did not
+/// train on: the *unsupervised* variant) and `ours` (the harvest it may have trained
+/// on: the *supervised* variant).
 fn reading_audit(
     student: &Student,
-    fed: &[EvidenceText],
+    fresh: &[EvidenceText],
     ours: &[EvidenceText],
     keys: &[Arc<WatermarkKey>],
     scoring: &Scoring,
 ) -> Result<AuditResult> {
-    let mut texts = fed.to_vec();
-    for t in &mut texts {
-        t.predictions = Some(top1_predictions(student, &t.tokens)?);
-    }
+    let read = |texts: &[EvidenceText]| -> Result<Vec<EvidenceText>> {
+        let mut texts = texts.to_vec();
+        for t in &mut texts {
+            t.predictions = Some(top1_predictions(student, &t.tokens)?);
+        }
+        Ok(texts)
+    };
     let ev = Evidence {
         prompts: Vec::new(),
-        texts,
-        supervised: ours.to_vec(),
+        texts: read(fresh)?,
+        supervised: read(ours)?,
     };
     Ok(score(Mode::Reading, &ev, keys, scoring, |_| {})?)
 }
@@ -741,7 +803,7 @@ fn student_arm(
     name: &str,
     tok: &StudentTokenizer,
     model: &Model,
-    fed: &[EvidenceText],
+    fresh: &[EvidenceText],
     ours: &[EvidenceText],
     heldout: &[Prompt],
     keys: &[Arc<WatermarkKey>],
@@ -801,7 +863,7 @@ fn student_arm(
             name: format!("{name}: reading-mode audit at step {}", rep.steps),
             total: 0,
         });
-        let r = reading_audit(&student, fed, ours, keys, scoring)?;
+        let r = reading_audit(&student, fresh, ours, keys, scoring)?;
         let variant = |n: &str| r.variants.iter().find(|v| v.name == n).map(|v| v.p_value);
         points.push(AuditPoint {
             step: rep.steps,
@@ -810,7 +872,7 @@ fn student_arm(
                 / per_epoch.max(1) as f64)
                 .round() as u64,
             p_value: r.p_value,
-            unsupervised_p: variant("unsupervised").unwrap_or(1.0),
+            unsupervised_p: variant("unsupervised"),
             supervised_p: variant("supervised"),
             scored_tokens: r.scored_tokens,
         });
@@ -826,7 +888,7 @@ fn student_arm(
         name: format!("{name}: final audits"),
         total: heldout.len() as u64,
     });
-    let reading = reading_audit(&student, fed, ours, keys, scoring)?;
+    let reading = reading_audit(&student, fresh, ours, keys, scoring)?;
     let black_box = black_box_audit(
         cfg,
         &student,
@@ -997,8 +1059,9 @@ pub fn run(
     let heldout = first_prompts(&cfg.heldout_file, cfg.heldout_prompts)?;
 
     let rt = tokio::runtime::Runtime::new().map_err(io_err(Path::new("tokio runtime")))?;
-    let (wm, wm_records, control, sentinel) = rt.block_on(async {
+    let (wm, wm_records, fresh, control, sentinel) = rt.block_on(async {
         let wm = harvest_arm(cfg, Arm::Watermarked, &key_path, &prompts, events).await?;
+        let fresh = fresh_texts(cfg, &key_path, &heldout, events).await?;
         let wm_records = read_records(&cfg.out.join("watermarked/harvest.jsonl"))?;
         // The control teacher's key is never used (watermark off); it only satisfies
         // the server's start-up.
@@ -1020,16 +1083,20 @@ pub fn run(
         let control =
             harvest_arm(cfg, Arm::Control, &control_key, &control_prompts, events).await?;
         let sentinel = sentinel_timeline(cfg).await?;
-        Ok::<_, RedteamError>((wm, wm_records, control, sentinel))
+        Ok::<_, RedteamError>((wm, wm_records, fresh, control, sentinel))
     })?;
     drop(rt);
 
     let tok = StudentTokenizer::from_gguf(&cfg.model)?;
     let ours: Vec<EvidenceText> = wm_records
         .into_iter()
+        .take(cfg.audit_texts)
         .map(|r| evidence_text(model, r.id, r.response))
         .collect();
-    let fed: Vec<EvidenceText> = ours.iter().take(cfg.audit_texts).cloned().collect();
+    let fresh: Vec<EvidenceText> = fresh
+        .into_iter()
+        .map(|r| evidence_text(model, r.id, r.response))
+        .collect();
     let mut students = Vec::new();
     for arm in [Arm::Watermarked, Arm::Control] {
         students.push(student_arm(
@@ -1037,7 +1104,7 @@ pub fn run(
             arm.name(),
             &tok,
             model,
-            &fed,
+            &fresh,
             &ours,
             &heldout,
             &keys,
@@ -1050,7 +1117,7 @@ pub fn run(
         let name = mix_name(fraction);
         let (examples, watermarked_examples) = write_mix(cfg, fraction, &name)?;
         let student = student_arm(
-            cfg, &name, &tok, model, &fed, &ours, &heldout, &keys, scoring, events,
+            cfg, &name, &tok, model, &fresh, &ours, &heldout, &keys, scoring, events,
         )?;
         mixes.push(report::MixReport {
             fraction,

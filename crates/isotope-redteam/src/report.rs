@@ -170,17 +170,35 @@ fn level_color(level: &str) -> &'static str {
     }
 }
 
-/// A student's unsupervised reading-mode p-values against tokens trained on.
-fn unsupervised_curve(name: &str, color: &'static str, s: &ArmStudent) -> Series {
+/// A student's reading-mode p-values (one variant) against tokens trained on.
+fn reading_curve(
+    name: &str,
+    color: &'static str,
+    s: &ArmStudent,
+    supervised: bool,
+    dashed: bool,
+) -> Series {
+    let variant = if supervised {
+        "supervised"
+    } else {
+        "unsupervised"
+    };
     Series {
-        name: format!("{name} – reading, unsupervised"),
+        name: format!("{name} – reading, {variant}"),
         color,
         points: s
             .points
             .iter()
-            .map(|p| (p.harvest_tokens_trained as f64, nlog10(p.unsupervised_p)))
+            .filter_map(|p| {
+                let v = if supervised {
+                    p.supervised_p
+                } else {
+                    p.unsupervised_p
+                };
+                v.map(|v| (p.harvest_tokens_trained as f64, nlog10(v)))
+            })
             .collect(),
-        dashed: false,
+        dashed,
         dots: true,
     }
 }
@@ -304,27 +322,21 @@ pub fn render_html(r: &Report) -> String {
         );
     }
     h.push_str("</table>");
+    h.push_str(
+        "<p class=\"note\">Reading mode: the student's top-1 prediction at each position of \
+         a text it reads, scored against the watermark window of that text, one tuple per \
+         distinct window. <i>Supervised</i>: it reads the harvest (the answers it may have \
+         trained on). <i>Unsupervised</i>: it reads new answers of the watermarked teacher \
+         to the held-out prompts, which no student trained on — the test when the training \
+         data is not known. <i>Corrected</i>: the smaller p of the two, × 2.</p>",
+    );
 
     // p-value vs tokens.
     let mut series = Vec::new();
     for (a, color) in [(wm, "#c0392b"), (control, "#2471a3")] {
         let Some(a) = a else { continue };
-        series.push(unsupervised_curve(a.arm.name(), color, &a.student));
-        series.push(Series {
-            name: format!("{} – reading, supervised", a.arm.name()),
-            color,
-            points: a
-                .student
-                .points
-                .iter()
-                .filter_map(|p| {
-                    p.supervised_p
-                        .map(|s| (p.harvest_tokens_trained as f64, nlog10(s)))
-                })
-                .collect(),
-            dashed: true,
-            dots: true,
-        });
+        series.push(reading_curve(a.arm.name(), color, &a.student, true, false));
+        series.push(reading_curve(a.arm.name(), color, &a.student, false, true));
     }
     h.push_str("<h2>p-value vs harvest tokens trained on</h2>");
     h.push_str(&p_chart(
@@ -337,7 +349,9 @@ pub fn render_html(r: &Report) -> String {
             .mixes
             .iter()
             .enumerate()
-            .map(|(i, m)| unsupervised_curve(&m.name, palette[i % palette.len()], &m.student))
+            .map(|(i, m)| {
+                reading_curve(&m.name, palette[i % palette.len()], &m.student, true, false)
+            })
             .collect();
         h.push_str(&p_chart(
             "Mixtures: reading-mode audit after each training stage",

@@ -105,11 +105,13 @@ struct ModelAuditArgs {
     /// Black-box requests in flight.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// Reading mode: texts to feed the suspect (default: the --supervised-with texts).
+    /// Reading mode, *unsupervised* variant: texts the suspect is not known to have
+    /// trained on (new outputs of ours, or any text) for it to read.
     #[arg(long)]
     texts: Vec<PathBuf>,
-    /// Reading mode: our own outputs (e.g. the harvest the suspect may have trained
-    /// on); adds the *supervised* variant, which scores only their windows.
+    /// Reading mode, *supervised* variant: our own outputs that the suspect may have
+    /// trained on (e.g. the harvest served to an account), for it to read — the
+    /// stronger test when the training data is known.
     #[arg(long)]
     supervised_with: Vec<PathBuf>,
     /// Write an evidence bundle into DIR (black-box: the suspect's outputs are
@@ -217,7 +219,7 @@ fn run_and_report(
     parameters: serde_json::Value,
     json_out: bool,
 ) -> Result<()> {
-    if evidence.texts.is_empty() {
+    if evidence.texts.is_empty() && evidence.supervised.is_empty() {
         bail!("no texts to score: check the files (see the skipped lines above)");
     }
     let mut tuples: Vec<ScoredTuple> = Vec::new();
@@ -493,22 +495,18 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
             s.model.n_vocab()
         );
     }
-    let supervised = read_texts(&s.model, &a.supervised_with)?;
-    let mut texts = if a.texts.is_empty() {
-        supervised.clone()
-    } else {
-        read_texts(&s.model, &a.texts)?
-    };
-    if texts.is_empty() {
-        bail!("reading mode needs texts: pass --texts FILE and/or --supervised-with FILE");
+    let mut texts = read_texts(&s.model, &a.texts)?;
+    let mut supervised = read_texts(&s.model, &a.supervised_with)?;
+    if texts.is_empty() && supervised.is_empty() {
+        bail!("reading mode needs texts: pass --supervised-with FILE and/or --texts FILE");
     }
-    let bar = ProgressBar::new(texts.len() as u64).with_style(
+    let bar = ProgressBar::new((texts.len() + supervised.len()) as u64).with_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} texts read by the suspect {elapsed_precise}",
         )
         .expect("static template"),
     );
-    for t in &mut texts {
+    for t in texts.iter_mut().chain(&mut supervised) {
         t.predictions = Some(reader.top1(&t.tokens, a.common.model.threads)?);
         bar.inc(1);
     }

@@ -160,12 +160,18 @@ fn audit_model_reading_mode_and_bad_input() {
         .args(["--student", "tiny", "--max-steps", "1", "--json"])
         .args(["--tokenizer-gguf", &model()]));
     assert_eq!(code, 0, "{stderr}");
+    // Unsupervised: other text it reads (human GSM8K answers); supervised: ours.
+    let other = dir.path().join("other.jsonl");
+    let gsm = std::fs::read_to_string(workspace().join("data/gsm8k/test.jsonl")).unwrap();
+    std::fs::write(&other, gsm.lines().take(3).collect::<Vec<_>>().join("\n")).unwrap();
     let bundle = dir.path().join("bundle");
     let (code, stdout, stderr) = run(isotope()
         .args(["audit", "model", "--json", "--suspect"])
         .arg(&student)
         .arg("--supervised-with")
         .arg(&ours)
+        .arg("--texts")
+        .arg(&other)
         .arg("--watermark-key")
         .arg(&k1)
         .arg("--bundle")
@@ -173,13 +179,16 @@ fn audit_model_reading_mode_and_bad_input() {
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["mode"], "reading");
-    let names: Vec<&str> = v["variants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["unsupervised", "supervised"]);
+    let names = |v: &Value| -> Vec<String> {
+        v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&v), ["unsupervised", "supervised"]);
+    assert_eq!(v["texts"], 5, "{v}");
     assert!(v["scored_tokens"].as_u64().unwrap() > 20, "{v}");
     assert!(v["p_value"].as_f64().unwrap() > 1e-3, "{v}");
     let (code, stdout, stderr) = run(isotope()
@@ -208,7 +217,9 @@ fn audit_model_reading_mode_and_bad_input() {
     assert_eq!(code, 0, "{stderr}");
     let g: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(g["mode"], "reading");
-    assert_eq!(g["tokens"], v["tokens"], "{g}");
+    // Only our outputs read: the supervised variant alone, nothing to correct for.
+    assert_eq!(names(&g), ["supervised"]);
+    assert_eq!(g["p_value"], g["variants"][0]["p_value"]);
     assert!(g["scored_tokens"].as_u64().unwrap() > 20, "{g}");
     assert!(g["p_value"].as_f64().unwrap() > 1e-3, "{g}");
     // A file that is not a GGUF is refused with its name.

@@ -128,6 +128,26 @@ fn redteam_tiny_end_to_end_and_resume() {
             .collect();
         assert_eq!(names, ["unsupervised", "supervised"]);
     }
+    // The unsupervised reading reads new watermarked answers to the held-out prompts,
+    // asked by the provider outside the harvest: not in any training set, not in the
+    // sentinel's timeline.
+    let fresh = std::fs::read_to_string(out.join("watermarked/fresh.jsonl")).unwrap();
+    assert_eq!(fresh.lines().count(), 3, "{fresh}");
+    let harvested: Vec<Value> = std::fs::read_to_string(out.join("watermarked/harvest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for l in fresh.lines() {
+        let r: Value = serde_json::from_str(l).unwrap();
+        assert!(!r["response"].as_str().unwrap().is_empty(), "{r}");
+        assert!(harvested.iter().all(|h| h["prompt"] != r["prompt"]), "{r}");
+    }
+    assert!(
+        !v["sentinel"].to_string().contains("auditor"),
+        "{}",
+        v["sentinel"]
+    );
     // The mixture: half the prompts answered by each teacher, same ids as the arms.
     let mix = &v["mixes"][0];
     assert_eq!(mix["name"], "mix-50", "{mix}");

@@ -48,11 +48,12 @@ fn main() {
         None
     };
     let b = bench(&sim.events, model.clone(), &emb).expect("bench");
+    // how far each feature's shape can move the logit
     let weights: Vec<(String, f64)> = model
         .features
         .iter()
         .cloned()
-        .zip(model.weights.iter().copied())
+        .zip(model.shapes.iter().map(|s| s.range()))
         .collect();
     println!(
         "{}",

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::embed::{quantize, Embedder};
 use crate::features::monotone_mask;
 use crate::features::{Features, Reference};
-use crate::model::{fit_logistic_monotone, logit, sigmoid, Level, Model, Thresholds, L2};
+use crate::model::{fit_additive, logit, sigmoid, BoostParams, Level, Model, Thresholds};
 use crate::sentinel::{Sentinel, SentinelConfig, Snapshot};
 use crate::sim::{simulate, Scenario, SimError, Simulated};
 use crate::stats::{auc, clopper_pearson_upper, median};
@@ -45,8 +45,10 @@ pub struct TrainConfig {
     pub calib_scale: f64,
     /// Seed of the simulation the flag threshold is calibrated on.
     pub calib_seed: u64,
-    /// Benign share allowed to reach `flag` in calibration (below the 0.3% goal, to
-    /// leave room for seed-to-seed variation).
+    /// Benign share allowed to reach `flag` in calibration: well below the 0.3% goal,
+    /// so that the goal holds for the Clopper–Pearson *upper bound* of an evaluation
+    /// on a few thousand benign accounts (3 alarms in 3,200 already bound it at 0.27%),
+    /// not only for the point estimate.
     pub target_fpr: f64,
     /// Logit added to the calibrated threshold, for the same reason.
     pub margin_logit: f64,
@@ -63,9 +65,9 @@ impl Default for TrainConfig {
             scenario: Scenario::training(),
             fit_seed: 0x7121,
             fit_scale: 2.0,
-            calib_scale: 3.0,
+            calib_scale: 6.0,
             calib_seed: 0x7122,
-            target_fpr: 0.001,
+            target_fpr: 0.0005,
             margin_logit: 0.5,
             positive_from_requests: 30,
         }
@@ -233,11 +235,15 @@ fn fit(p: &Prepared, tc: &TrainConfig, exclude: Option<&str>) -> Model {
             weights.push(w);
         }
     }
-    let (mean, scale, w, b) = fit_logistic_monotone(&rows, &labels, &weights, L2, &monotone_mask());
-    model.mean = mean;
-    model.scale = scale;
-    model.weights = w;
-    model.bias = b;
+    let (shapes, bias) = fit_additive(
+        &rows,
+        &labels,
+        &weights,
+        &monotone_mask(),
+        &BoostParams::default(),
+    );
+    model.shapes = shapes;
+    model.bias = bias;
     // calibrate the flag threshold on benign accounts of the second seed
     let outcomes = score_snapshots(&model, &p.cal, None);
     let mut benign: Vec<f64> = outcomes
@@ -632,9 +638,9 @@ mod tests {
         let p = prepare(&tc, &emb).unwrap();
         let all = fit(&p, &tc, None);
         // excluding a label nobody has changes nothing; excluding a real one does
-        assert_eq!(all.weights, fit(&p, &tc, Some("no_such_strategy")).weights);
+        assert_eq!(all.shapes, fit(&p, &tc, Some("no_such_strategy")).shapes);
         let without = fit(&p, &tc, Some("soft_label"));
-        assert_ne!(all.weights, without.weights);
+        assert_ne!(all.shapes, without.shapes);
         assert!(without.trained_on.contains("excluded=soft_label"));
         without.validate().unwrap();
 

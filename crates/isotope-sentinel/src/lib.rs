@@ -5,7 +5,8 @@
 //!   sketches ([`features`]) and the Sybil linker ([`cluster`]), and re-scores the
 //!   account on a schedule; `assess(now)` re-scores everyone; `level(account)` is what
 //!   the server enforces. The sentinel decides, it never blocks anything itself.
-//! - [`Model`]: logistic regression + calibrated thresholds → [`Level`].
+//! - [`Model`]: additive logistic model (one boosted shape per feature) + calibrated
+//!   thresholds → [`Level`].
 //! - [`simulate`] / [`Scenario`]: labelled benign and harvesting traffic.
 //! - [`evaluate`] / [`train`] / [`leave_one_out`]: honest numbers on held-out seeds
 //!   and prompt splits.

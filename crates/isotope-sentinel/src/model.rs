@@ -1,11 +1,18 @@
-//! The risk model: L2-regularised logistic regression on standardised features, and
-//! thresholds that map its score to a policy level.
+//! The risk model: an additive logistic model — the logit is a bias plus one
+//! piecewise-constant *shape function* per feature — fitted by gradient boosting of
+//! one-feature stumps, and thresholds that map its score to a policy level.
 //!
-//! Why logistic regression: two dozen features whose direction is known, a few
-//! thousand training accounts from a simulator — a linear model with a fixed, strong
-//! L2 penalty cannot memorise simulator artefacts the way trees can, its score is a
-//! probability, and `weight × standardised value` is an honest per-feature reason.
-//! Hyper-parameters are fixed constants, not searched.
+//! Why additive: a linear logit cannot say "persistent *or* intense": it has one
+//! slope per feature, so a feature that only matters above some level (a burst's
+//! 10-minute rate above anything a person types) gets the slope that suits the bulk
+//! of accounts, often 0. A shape per feature can rise steeply where the evidence is and
+//! stay flat elsewhere. Why not deeper trees: interactions between features are where
+//! a simulator's artefacts hide (this pacing *with* that answer length); one feature
+//! at a time, the model stays a sum of per-feature contributions, so each reason is
+//! exactly that feature's share of the logit, and a monotone feature's shape is
+//! constrained to be non-decreasing (risk never falls as volume, soft labels or
+//! template reuse grow), which a stump checks split by split. Hyper-parameters are
+//! fixed constants ([`BoostParams::default`]), not searched on evaluation data.
 
 use serde::{Deserialize, Serialize};
 
@@ -70,7 +77,57 @@ pub fn logit(p: f64) -> f64 {
     (p / (1.0 - p)).ln()
 }
 
-/// A trained model: standardisation, weights, thresholds, and the benign reference
+/// One feature's contribution to the logit: piecewise constant over the intervals
+/// the `edges` cut the line into. A value `x` falls in interval `#{edges ≤ x}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Shape {
+    /// Ascending cut points.
+    pub edges: Vec<f64>,
+    /// `edges.len() + 1` logit contributions, one per interval.
+    pub values: Vec<f64>,
+}
+
+impl Shape {
+    /// The flat shape (contributes nothing).
+    pub fn flat() -> Self {
+        Shape {
+            edges: Vec::new(),
+            values: vec![0.0],
+        }
+    }
+
+    /// The contribution of value `x`.
+    pub fn at(&self, x: f64) -> f64 {
+        self.values[self.edges.partition_point(|&e| e <= x)]
+    }
+
+    /// Largest minus smallest contribution: how much this feature can move the logit.
+    pub fn range(&self) -> f64 {
+        let (lo, hi) = self
+            .values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
+        hi - lo
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.values.len() != self.edges.len() + 1 {
+            return Err("needs one value more than edges".into());
+        }
+        if self.edges.iter().any(|e| !e.is_finite()) || self.edges.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err("edges must be finite and strictly ascending".into());
+        }
+        if self.values.iter().any(|v| !v.is_finite()) {
+            return Err("values must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+/// A trained model: one shape per feature, bias, thresholds, and the benign reference
 /// sample the MMD feature compares against (it is part of what was trained).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Model {
@@ -78,12 +135,10 @@ pub struct Model {
     pub embedder: String,
     /// Feature names, in order (checked on load).
     pub features: Vec<String>,
-    /// Per-feature mean of the training rows.
-    pub mean: Vec<f64>,
-    /// Per-feature standard deviation of the training rows (floored).
-    pub scale: Vec<f64>,
-    /// Weights on standardised features.
-    pub weights: Vec<f64>,
+    /// Per feature, its contribution to the logit, centred so that the average benign
+    /// training row gets 0 from each feature (a reason > 0 says "more harvest-like than
+    /// a typical benign account in this respect").
+    pub shapes: Vec<Shape>,
     /// Intercept.
     pub bias: f64,
     /// Level thresholds.
@@ -104,7 +159,7 @@ pub struct Reason {
     pub feature: String,
     /// Its raw value.
     pub value: f64,
-    /// `weight × standardised value`, in logits.
+    /// The feature's shape at that value, in logits (0: as a typical benign account).
     pub contribution: f64,
     /// `account` or `cluster`.
     pub scope: String,
@@ -117,9 +172,7 @@ impl Model {
         Model {
             embedder,
             features: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
-            mean: vec![0.0; NF],
-            scale: vec![1.0; NF],
-            weights: vec![0.0; NF],
+            shapes: vec![Shape::flat(); NF],
             bias: 0.0,
             thresholds: Thresholds::from_flag(1.0),
             reference,
@@ -132,30 +185,29 @@ impl Model {
     pub fn validate(&self) -> Result<(), String> {
         if self.features.len() != NF
             || self.features.iter().zip(FEATURE_NAMES).any(|(a, b)| a != b)
-            || self.weights.len() != NF
-            || self.mean.len() != NF
-            || self.scale.len() != NF
+            || self.shapes.len() != NF
         {
             return Err("model features do not match this build's feature list".into());
         }
-        if let Some(i) = (0..NF).find(|&i| monotone_mask()[i] && self.weights[i] < 0.0) {
-            return Err(format!(
-                "model weight on {} is negative: risk must not fall as it grows",
-                FEATURE_NAMES[i]
-            ));
+        for (i, s) in self.shapes.iter().enumerate() {
+            s.check()
+                .map_err(|e| format!("model shape of {}: {e}", FEATURE_NAMES[i]))?;
+            if monotone_mask()[i] && s.values.windows(2).any(|w| w[1] < w[0]) {
+                return Err(format!(
+                    "model shape of {} falls: risk must not fall as it grows",
+                    FEATURE_NAMES[i]
+                ));
+            }
         }
-        if self.scale.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
-            return Err("model feature scales must be positive".into());
+        if !self.bias.is_finite() {
+            return Err("model bias must be finite".into());
         }
         Ok(())
     }
 
     /// The logit of a feature vector.
     pub fn logit(&self, f: &Features) -> f64 {
-        self.bias
-            + (0..NF)
-                .map(|i| self.weights[i] * (f[i] - self.mean[i]) / self.scale[i])
-                .sum::<f64>()
+        self.bias + (0..NF).map(|i| self.shapes[i].at(f[i])).sum::<f64>()
     }
 
     /// Risk score in [0, 1].
@@ -169,7 +221,7 @@ impl Model {
             .map(|i| Reason {
                 feature: FEATURE_NAMES[i].to_string(),
                 value: f[i],
-                contribution: self.weights[i] * (f[i] - self.mean[i]) / self.scale[i],
+                contribution: self.shapes[i].at(f[i]),
                 scope: scope.to_string(),
             })
             .filter(|r| r.contribution > 0.0)
@@ -180,52 +232,72 @@ impl Model {
     }
 }
 
-/// L2 penalty on standardised weights (fixed; with ~25 features and thousands of
-/// rows it mostly guards against separable simulator artefacts blowing up weights).
-pub const L2: f64 = 1.0;
-
-/// Fits logistic regression by Newton's method. Rows are weighted (`w`); the weights
-/// are rescaled so each class has total weight 1 — the sim's class ratio is not the
-/// real one, and thresholds are calibrated separately anyway. Returns
-/// `(mean, scale, weights, bias)`.
-pub fn fit_logistic(
-    rows: &[Features],
-    labels: &[bool],
-    w: &[f64],
-    l2: f64,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
-    fit_logistic_monotone(rows, labels, w, l2, &[false; NF])
+/// Fixed boosting constants (textbook values — histogram boosting's defaults with
+/// stumps — not searched).
+#[derive(Clone, Debug)]
+pub struct BoostParams {
+    /// Quantile bins per feature (cut points come from the training rows).
+    pub bins: usize,
+    /// Boosting rounds (one stump each).
+    pub rounds: usize,
+    /// Shrinkage of each stump.
+    pub learning_rate: f64,
+    /// L2 penalty on leaf values (in units of the class-balanced row weight).
+    pub l2: f64,
+    /// Rows each side of a split must have.
+    pub min_leaf_rows: usize,
 }
 
-/// [`fit_logistic`] with the weights of features in `nonneg` constrained to be ≥ 0
-/// (the score is then non-decreasing in each of them). Active-set Newton: a
-/// constrained weight that a step would make negative is held at 0; once converged,
-/// a held weight whose gradient says the loss would fall if it grew is released;
-/// repeated until no weight changes set (the loss is convex, so this reaches the
-/// constrained optimum).
-#[allow(clippy::needless_range_loop)] // dense linear algebra reads best with indexes
-pub fn fit_logistic_monotone(
+impl Default for BoostParams {
+    fn default() -> Self {
+        BoostParams {
+            bins: 32,
+            rounds: 300,
+            learning_rate: 0.1,
+            l2: 1.0,
+            min_leaf_rows: 50,
+        }
+    }
+}
+
+/// Quantile cut points of one feature's values: at most `bins − 1`, strictly
+/// ascending. Each goes halfway between the value at a quantile and the next distinct
+/// value above it, so ties never swallow a cut: a feature that is 0 for most rows
+/// still gets a cut just above 0.
+fn cut_points(values: &mut [f64], bins: usize) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let mut cuts: Vec<f64> = Vec::new();
+    if n == 0 {
+        return cuts;
+    }
+    for k in 0..bins.saturating_sub(1) {
+        let v = values[(k * n / bins).min(n - 1)];
+        let above = values.partition_point(|&x| x <= v);
+        if let Some(&next) = values.get(above) {
+            let c = v + (next - v) / 2.0;
+            if cuts.last().is_none_or(|&l| l < c) {
+                cuts.push(c);
+            }
+        }
+    }
+    cuts
+}
+
+/// Fits the additive model by gradient boosting of one-feature stumps on the logistic
+/// loss (Newton leaf values, L2 on leaves). Rows are weighted (`w`); the weights are
+/// rescaled so each class has the same total — the simulator's class ratio is not the
+/// real one, and thresholds are calibrated separately anyway. A stump on a feature in
+/// `monotone` may only step up. Returns `(shapes, bias)`, each shape centred on the
+/// benign rows' weighted mean (moved into the bias).
+pub fn fit_additive(
     rows: &[Features],
     labels: &[bool],
     w: &[f64],
-    l2: f64,
-    nonneg: &[bool; NF],
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
+    monotone: &[bool; NF],
+    p: &BoostParams,
+) -> (Vec<Shape>, f64) {
     let n = rows.len();
-    let mut mean = vec![0.0; NF];
-    let mut scale = vec![0.0; NF];
-    let wsum: f64 = w.iter().sum::<f64>().max(1e-12);
-    for (r, &wi) in rows.iter().zip(w) {
-        for j in 0..NF {
-            mean[j] += wi * r[j] / wsum;
-        }
-    }
-    for (r, &wi) in rows.iter().zip(w) {
-        for j in 0..NF {
-            scale[j] += wi * (r[j] - mean[j]).powi(2) / wsum;
-        }
-    }
-    scale.iter_mut().for_each(|s| *s = s.sqrt().max(1e-3));
     let pos: f64 = w
         .iter()
         .zip(labels)
@@ -238,182 +310,212 @@ pub fn fit_logistic_monotone(
         .filter(|(_, &l)| !l)
         .map(|(w, _)| w)
         .sum();
+    // class-balanced, mean weight 1
     let cw: Vec<f64> = w
         .iter()
         .zip(labels)
         .map(|(&wi, &l)| {
-            if l {
-                wi / pos.max(1e-12)
-            } else {
-                wi / neg.max(1e-12)
-            }
+            let total = if l { pos } else { neg };
+            wi / total.max(1e-300) * n as f64 / 2.0
         })
         .collect();
-    let d = NF + 1;
-    let x = |i: usize, j: usize| -> f64 {
-        if j == NF {
-            1.0
-        } else {
-            (rows[i][j] - mean[j]) / scale[j]
-        }
-    };
-    let mut beta = vec![0.0; d];
-    let mut held = [false; NF];
-    let gradient_hessian = |beta: &[f64]| {
-        let mut g = vec![0.0; d];
-        let mut h = vec![vec![0.0; d]; d];
+    let cuts: Vec<Vec<f64>> = (0..NF)
+        .map(|j| {
+            let mut v: Vec<f64> = rows.iter().map(|r| r[j]).collect();
+            cut_points(&mut v, p.bins)
+        })
+        .collect();
+    let bin: Vec<[u8; NF]> = rows
+        .iter()
+        .map(|r| {
+            let mut b = [0u8; NF];
+            for j in 0..NF {
+                b[j] = cuts[j].partition_point(|&e| e <= r[j]) as u8;
+            }
+            b
+        })
+        .collect();
+    let mut table: Vec<Vec<f64>> = cuts.iter().map(|c| vec![0.0; c.len() + 1]).collect();
+    let mut logit = vec![0.0f64; n];
+    let mut bias = 0.0;
+    let (mut g, mut h) = (vec![0.0; n], vec![0.0; n]);
+    for _ in 0..p.rounds {
         for i in 0..n {
-            let z: f64 = (0..d).map(|j| beta[j] * x(i, j)).sum();
-            let p = sigmoid(z);
-            let y = labels[i] as u8 as f64;
-            let xi: Vec<f64> = (0..d).map(|j| x(i, j)).collect();
-            let s = cw[i] * p * (1.0 - p);
-            for a in 0..d {
-                g[a] += cw[i] * (p - y) * xi[a];
-                for b in a..d {
-                    h[a][b] += s * xi[a] * xi[b];
-                }
-            }
+            let q = sigmoid(logit[i]);
+            g[i] = cw[i] * (q - labels[i] as u8 as f64);
+            h[i] = cw[i] * q * (1.0 - q);
         }
-        for a in 0..d {
-            for b in 0..a {
-                h[a][b] = h[b][a];
-            }
-        }
-        // penalty (scaled to the total class weight of 2), not on the intercept
+        let (gt, ht): (f64, f64) = (g.iter().sum(), h.iter().sum());
+        let parent = gt * gt / (ht + p.l2);
+        // best (gain, feature, last bin on the left, left value, right value)
+        let mut best: Option<(f64, usize, usize, f64, f64)> = None;
         for j in 0..NF {
-            g[j] += l2 * 1e-2 * beta[j];
-            h[j][j] += l2 * 1e-2;
-        }
-        h[NF][NF] += 1e-9;
-        (g, h)
-    };
-    for _round in 0..4 * NF {
-        for _ in 0..50 {
-            let (mut g, mut h) = gradient_hessian(&beta);
-            // held weights stay at 0: identity rows, zero gradient
-            for j in (0..NF).filter(|&j| held[j]) {
-                for k in 0..d {
-                    h[j][k] = 0.0;
-                    h[k][j] = 0.0;
-                }
-                h[j][j] = 1.0;
-                g[j] = 0.0;
+            let k = table[j].len();
+            let (mut gb, mut hb, mut nb) = (vec![0.0; k], vec![0.0; k], vec![0usize; k]);
+            for i in 0..n {
+                let b = bin[i][j] as usize;
+                gb[b] += g[i];
+                hb[b] += h[i];
+                nb[b] += 1;
             }
-            let step = solve(h, g);
-            // a full Newton step, shortened so no constrained weight crosses 0; the
-            // first one to reach 0 is held there
-            let mut t = 1.0f64;
-            let mut stop = None;
-            for j in (0..NF).filter(|&j| nonneg[j] && !held[j]) {
-                let next = beta[j] - step[j];
-                if next < 0.0 && step[j] > 0.0 {
-                    let tj = beta[j] / step[j];
-                    if tj < t {
-                        t = tj;
-                        stop = Some(j);
-                    }
+            let (mut gl, mut hl, mut nl) = (0.0, 0.0, 0usize);
+            for t in 0..k.saturating_sub(1) {
+                gl += gb[t];
+                hl += hb[t];
+                nl += nb[t];
+                let (gr, hr, nr) = (gt - gl, ht - hl, n - nl);
+                if nl < p.min_leaf_rows || nr < p.min_leaf_rows || hl < 1e-3 || hr < 1e-3 {
+                    continue;
+                }
+                let (vl, vr) = (-gl / (hl + p.l2), -gr / (hr + p.l2));
+                if monotone[j] && vl > vr {
+                    continue;
+                }
+                let gain = gl * gl / (hl + p.l2) + gr * gr / (hr + p.l2) - parent;
+                if gain > 1e-12 && best.is_none_or(|b| gain > b.0) {
+                    best = Some((gain, j, t, vl, vr));
                 }
             }
-            let mut max = 0.0f64;
-            for j in 0..d {
-                beta[j] -= t * step[j];
-                max = max.max((t * step[j]).abs());
-            }
-            if let Some(j) = stop {
-                beta[j] = 0.0;
-                held[j] = true;
-                continue;
-            }
-            if max < 1e-8 {
-                break;
-            }
         }
-        // release held weights the loss wants to grow (negative gradient)
-        let (g, _) = gradient_hessian(&beta);
-        let release: Vec<usize> = (0..NF).filter(|&j| held[j] && g[j] < -1e-9).collect();
-        if release.is_empty() {
+        let Some((_, j, t, vl, vr)) = best else {
             break;
+        };
+        let (vl, vr) = (p.learning_rate * vl, p.learning_rate * vr);
+        for (b, v) in table[j].iter_mut().enumerate() {
+            *v += if b <= t { vl } else { vr };
         }
-        for j in release {
-            held[j] = false;
+        for i in 0..n {
+            logit[i] += if bin[i][j] as usize <= t { vl } else { vr };
         }
     }
-    let bias = beta[NF];
-    beta.truncate(NF);
-    (mean, scale, beta, bias)
-}
-
-/// Solves `H x = g` for a symmetric positive-definite `H` (Cholesky).
-#[allow(clippy::needless_range_loop)]
-fn solve(mut h: Vec<Vec<f64>>, g: Vec<f64>) -> Vec<f64> {
-    let d = g.len();
-    for j in 0..d {
-        let mut s = h[j][j];
-        for k in 0..j {
-            s -= h[j][k] * h[j][k];
-        }
-        let diag = s.max(1e-12).sqrt();
-        h[j][j] = diag;
-        for i in (j + 1)..d {
-            let mut s = h[i][j];
-            for k in 0..j {
-                s -= h[i][k] * h[j][k];
+    // centre each shape on the benign rows, merge equal neighbouring intervals
+    let shapes = (0..NF)
+        .map(|j| {
+            let (mut s, mut sw) = (0.0, 0.0);
+            for i in (0..n).filter(|&i| !labels[i]) {
+                s += cw[i] * table[j][bin[i][j] as usize];
+                sw += cw[i];
             }
-            h[i][j] = s / diag;
-        }
-    }
-    let mut y = vec![0.0; d];
-    for i in 0..d {
-        let mut s = g[i];
-        for k in 0..i {
-            s -= h[i][k] * y[k];
-        }
-        y[i] = s / h[i][i];
-    }
-    let mut x = vec![0.0; d];
-    for i in (0..d).rev() {
-        let mut s = y[i];
-        for k in (i + 1)..d {
-            s -= h[k][i] * x[k];
-        }
-        x[i] = s / h[i][i];
-    }
-    x
+            let c = if sw > 0.0 { s / sw } else { 0.0 };
+            bias += c;
+            let mut shape = Shape {
+                edges: Vec::new(),
+                values: vec![table[j][0] - c],
+            };
+            for (e, &v) in cuts[j].iter().zip(&table[j][1..]) {
+                if Some(&(v - c)) != shape.values.last() {
+                    shape.edges.push(*e);
+                    shape.values.push(v - c);
+                }
+            }
+            shape
+        })
+        .collect();
+    (shapes, bias)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn logistic_regression_learns_a_separating_direction() {
-        let mut rows = Vec::new();
-        let mut labels = Vec::new();
-        for i in 0..400 {
-            let mut f = [0.0; NF];
-            let pos = i % 2 == 0;
-            f[0] = if pos { 2.0 } else { 0.0 } + ((i * 37 % 100) as f64 / 100.0);
-            f[1] = (i * 53 % 100) as f64 / 100.0; // noise
-            rows.push(f);
-            labels.push(pos);
-        }
-        let (mean, scale, w, b) = fit_logistic(&rows, &labels, &vec![1.0; 400], L2);
-        assert!(w[0] > 1.0, "{w:?}");
-        assert!(w[1].abs() < 0.5 * w[0]);
+    fn model_from(shapes: Vec<Shape>, bias: f64) -> Model {
         let mut m = Model::untrained("x".into(), Reference::default());
-        m.mean = mean;
-        m.scale = scale;
-        m.weights = w;
-        m.bias = b;
-        let mut hi = [0.0; NF];
-        hi[0] = 3.0;
-        assert!(m.score(&hi) > 0.9 && m.score(&[0.0; NF]) < 0.1);
-        assert_eq!(m.reasons(&hi, 3, "account")[0].feature, "log_rate_1h");
+        m.shapes = shapes;
+        m.bias = bias;
+        m
     }
 
     #[test]
-    fn monotone_fit_holds_constrained_weights_at_or_above_zero() {
+    fn shapes_are_piecewise_constant_and_cut_points_split_distinct_values() {
+        let s = Shape {
+            edges: vec![1.0, 2.0],
+            values: vec![-1.0, 0.5, 2.0],
+        };
+        assert_eq!(s.at(0.0), -1.0);
+        assert_eq!(s.at(1.0), 0.5); // an edge belongs to the interval above it
+        assert_eq!(s.at(1.5), 0.5);
+        assert_eq!(s.at(9.0), 2.0);
+        assert_eq!(s.range(), 3.0);
+        let mut v: Vec<f64> = (0..100).map(|i| (i % 10) as f64).collect();
+        let c = cut_points(&mut v, 4);
+        assert_eq!(c, vec![0.5, 2.5, 5.5]);
+        // a constant feature gives no cut, few distinct values give at most one each
+        assert!(cut_points(&mut [3.0; 50], 32).is_empty());
+        assert_eq!(cut_points(&mut [0.0, 0.0, 1.0, 1.0], 32), vec![0.5]);
+        assert!(Shape {
+            edges: vec![2.0, 1.0],
+            values: vec![0.0; 3]
+        }
+        .check()
+        .is_err());
+        assert!(Shape {
+            edges: vec![1.0],
+            values: vec![0.0]
+        }
+        .check()
+        .is_err());
+    }
+
+    /// What a linear logit cannot do: harvesters are the accounts that are *either*
+    /// persistent *or* intense, and intensity only matters far above the benign range.
+    #[test]
+    fn additive_model_learns_either_or_thresholds() {
+        let (slots, rate) = (26, 27); // log_active_slots, log_rate_10m
+        assert_eq!(FEATURE_NAMES[slots], "log_active_slots");
+        assert_eq!(FEATURE_NAMES[rate], "log_rate_10m");
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..3000 {
+            let noise = |k: usize| ((i * k) % 101) as f64 / 101.0;
+            let mut f = [0.0; NF];
+            f[slots] = 2.0 * noise(37);
+            f[rate] = 2.0 * noise(53);
+            f[1] = noise(71); // unrelated
+            let kind = i % 6;
+            // the classes overlap (a separable sample lets boosting chase noise)
+            if kind == 4 {
+                f[slots] += 1.5; // persistent harvester
+            } else if kind == 5 {
+                f[rate] += 2.0; // intense burst
+            }
+            rows.push(f);
+            labels.push(kind >= 4);
+        }
+        let (shapes, bias) = fit_additive(
+            &rows,
+            &labels,
+            &vec![1.0; rows.len()],
+            &monotone_mask(),
+            &BoostParams::default(),
+        );
+        let m = model_from(shapes, bias);
+        m.validate().unwrap();
+        let mut persistent = [0.0; NF];
+        persistent[slots] = 3.4;
+        let mut intense = [0.0; NF];
+        intense[rate] = 3.9;
+        let mut ordinary = [0.0; NF];
+        ordinary[slots] = 1.0;
+        ordinary[rate] = 1.0;
+        assert!(
+            m.score(&persistent) > 0.95,
+            "{} {:?} {:?}",
+            m.score(&persistent),
+            m.shapes[slots],
+            m.shapes[rate]
+        );
+        assert!(m.score(&intense) > 0.95, "{}", m.score(&intense));
+        assert!(m.score(&ordinary) < 0.05, "{}", m.score(&ordinary));
+        // flat where there is no evidence: inside the benign range the rate barely counts
+        let inside = m.shapes[rate].at(1.4) - m.shapes[rate].at(0.1);
+        let beyond = m.shapes[rate].at(3.9) - m.shapes[rate].at(1.4);
+        assert!(beyond > 5.0 * inside.abs(), "{inside} {beyond}");
+        assert!(m.shapes[1].range() < 1.0, "{:?}", m.shapes[1]);
+        assert_eq!(m.reasons(&intense, 3, "account")[0].feature, "log_rate_10m");
+    }
+
+    #[test]
+    fn monotone_shapes_never_fall() {
         let mask = monotone_mask();
         let lp = FEATURE_NAMES
             .iter()
@@ -430,7 +532,7 @@ mod tests {
         assert!(mask[lp] && mask[tr] && !mask[free]);
         let mut rows = Vec::new();
         let mut labels = Vec::new();
-        for i in 0..600 {
+        for i in 0..1200 {
             let mut f = [0.0; NF];
             let pos = i % 3 == 0;
             let noise = |k: usize| ((i * k) % 97) as f64 / 97.0;
@@ -444,31 +546,21 @@ mod tests {
             rows.push(f);
             labels.push(pos);
         }
-        let wts = vec![1.0; rows.len()];
-        let (_, _, w_free, _) = fit_logistic(&rows, &labels, &wts, L2);
+        let w = vec![1.0; rows.len()];
+        let p = BoostParams::default();
+        let (free_fit, _) = fit_additive(&rows, &labels, &w, &[false; NF], &p);
+        let falls = |s: &Shape| s.values.first().unwrap() - s.values.last().unwrap();
         assert!(
-            w_free[lp] < -0.1,
-            "unconstrained fit goes negative: {}",
-            w_free[lp]
+            falls(&free_fit[lp]) > 0.5,
+            "unconstrained shape falls: {:?}",
+            free_fit[lp]
         );
-        let (mean, scale, w, b) = fit_logistic_monotone(&rows, &labels, &wts, L2, &mask);
-        for j in 0..NF {
-            if mask[j] {
-                assert!(w[j] >= 0.0, "{}: {}", FEATURE_NAMES[j], w[j]);
-            }
-        }
-        assert_eq!(w[lp], 0.0);
-        assert!(w[tr] > 0.1 && w[0] > 0.1, "{w:?}");
-        assert!(w[free] < -0.1, "{w:?}");
-        // the constrained optimum: no held weight wants to grow, nothing diverged
-        assert!(w.iter().all(|x| x.is_finite()) && b.is_finite());
-
-        let mut m = Model::untrained("x".into(), Reference::default());
-        m.mean = mean;
-        m.scale = scale;
-        m.weights = w;
-        m.bias = b;
+        let (shapes, bias) = fit_additive(&rows, &labels, &w, &mask, &p);
+        let m = model_from(shapes, bias);
         m.validate().unwrap();
+        assert!(m.shapes[lp].values.windows(2).all(|v| v[1] >= v[0]));
+        assert!(m.shapes[tr].range() > 0.1 && m.shapes[0].range() > 0.1);
+        assert!(falls(&m.shapes[free]) > 0.1, "{:?}", m.shapes[free]);
         // the score never falls as a monotone feature rises, whatever the rest is
         for (i, row) in rows.iter().enumerate().take(200) {
             let mut f = *row;
@@ -484,7 +576,10 @@ mod tests {
         }
         // a model file that breaks the rule is refused
         let mut bad = m.clone();
-        bad.weights[lp] = -0.5;
+        bad.shapes[lp] = Shape {
+            edges: vec![0.5],
+            values: vec![0.0, -0.5],
+        };
         assert!(bad.validate().unwrap_err().contains("share_logprobs"));
     }
 

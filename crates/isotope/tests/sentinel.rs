@@ -2,16 +2,16 @@
 //! HTTP) with the sentinel on, a harvesting-like client and a benign one, a webhook
 //! receiver; and the `isotope sentinel simulate → eval` round trip.
 //!
-//! The server runs the built-in model with its production weights. Those weights are
-//! calibrated for an online FPR of ~0.1% over days of traffic, so a harvest of tens
+//! The server runs the built-in model with its production shapes. Those are
+//! calibrated for an online FPR of ~0.05% over days of traffic, so a harvest of tens
 //! of requests is — by design — not enough evidence at the production threshold
-//! (0.9955): the built-in model needs persistence or volume (measured with the
-//! built-in model on synthetic events shaped like this test's clients: the harvester
-//! scores 0.047 at 20 requests, 0.080 at 40, 0.109 at 80; the benign client 0.017
-//! after its 8 requests). The test's isotope.toml therefore lowers `flag_threshold`
-//! to 0.03 (throttle follows at its fixed logit step, ≈ 0.078), between the two; on
-//! the real server the harvester reached throttle after 40–95 requests (timing
-//! dependent), so it gets up to 200.
+//! (0.92): the built-in model needs persistence or volume (measured with the built-in
+//! model on synthetic events shaped like this test's clients, `isotope-sentinel`'s
+//! `asking_for_soft_labels_never_lowers_the_score`: 80 templated requests with top-20
+//! logprobs score 0.005). The test's isotope.toml therefore lowers `flag_threshold`
+//! to 0.03 (throttle follows at its fixed logit step, ≈ 0.078); on the real server the
+//! harvester reached throttle after 155 requests (timing dependent: the rates count),
+//! so it gets up to 400.
 //! What this test checks is the online machinery — events reach the sentinel, levels
 //! are enforced from the next request, alerts and webhook, pins — not the model's
 //! accuracy, which `isotope sentinel eval` measures on ≥ 1,000 benign accounts.
@@ -248,7 +248,7 @@ async fn harvester_is_flagged_and_throttled_while_benign_client_is_not() {
     let mut degraded_at = None;
     let mut blocked_at = None;
     let mut sent = 0;
-    for i in 0..200usize {
+    for i in 0..400usize {
         let topic = topics[i % topics.len()];
         let o = chat(
             &http,

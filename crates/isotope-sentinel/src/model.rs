@@ -236,7 +236,8 @@ impl Model {
 /// stumps — not searched).
 #[derive(Clone, Debug)]
 pub struct BoostParams {
-    /// Quantile bins per feature (cut points come from the training rows).
+    /// Quantile bins per feature (cut points come from the training rows; at most
+    /// 256, since a row's bin is kept in a byte).
     pub bins: usize,
     /// Boosting rounds (one stump each).
     pub rounds: usize,
@@ -322,7 +323,7 @@ pub fn fit_additive(
     let cuts: Vec<Vec<f64>> = (0..NF)
         .map(|j| {
             let mut v: Vec<f64> = rows.iter().map(|r| r[j]).collect();
-            cut_points(&mut v, p.bins)
+            cut_points(&mut v, p.bins.clamp(2, 256))
         })
         .collect();
     let bin: Vec<[u8; NF]> = rows

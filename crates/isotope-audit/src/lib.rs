@@ -261,7 +261,7 @@ pub fn score(
                 run(name, &mut |d, t, emit| {
                     for (i, text) in texts.iter().enumerate() {
                         let preds = text.predictions.as_deref().unwrap_or_default();
-                        d.tally_reading(t, &text.tokens, preds, None, |pos, w, c, o| {
+                        d.tally_reading(t, &text.tokens, preds, |pos, w, c, o| {
                             if let PairOutcome::Scored(value) = o {
                                 emit(ScoredTuple {
                                     key_id: String::new(),

@@ -158,23 +158,6 @@ pub enum PairOutcome {
     Filtered,
 }
 
-/// The window seeds of a corpus — e.g. of our own outputs, for the *supervised*
-/// reading mode, which keeps only windows the suspect could have been trained on.
-#[derive(Clone, Debug, Default)]
-pub struct WindowSet(HashSet<u128>);
-
-impl WindowSet {
-    /// Number of distinct window seeds.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when no window was added.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// Which positions of a text are scored, and with what integer weight.
 #[derive(Clone, Copy)]
 enum Positions<'a> {
@@ -350,18 +333,6 @@ impl Detector {
         common.contains(id)
     }
 
-    /// The window seeds of `texts` (every window of `h` tokens in each).
-    pub fn window_set<'a>(&self, texts: impl IntoIterator<Item = &'a [u32]>) -> WindowSet {
-        let h = self.scheme.context();
-        let mut set = HashSet::new();
-        for tokens in texts {
-            for pos in h..=tokens.len() {
-                set.insert(WindowPrf::new(&self.scheme, &self.key, &tokens[pos - h..pos]).id());
-            }
-        }
-        WindowSet(set)
-    }
-
     /// Score one explicit (window, candidate) pair into `tally`, at most one pair per
     /// distinct window seed — the building block of the white-box *reading mode* and of
     /// re-checking an evidence bundle. `window` must be exactly `h` tokens.
@@ -406,8 +377,8 @@ impl Detector {
     /// teacher-forced, and `predictions[i]` is its top-1 next token after
     /// `tokens[..=i]` (so `predictions.len() == tokens.len()`). Each position `p ≥ h`
     /// scores the pair (window `tokens[p-h..p]`, `predictions[p-1]`), once per distinct
-    /// window seed over everything tallied so far; with `only`, windows outside that
-    /// set are read (and spent) but not scored — the *supervised* variant. Calls
+    /// window seed over everything tallied so far. (The supervised and unsupervised
+    /// variants differ in which texts the suspect reads, not in a filter here.) Calls
     /// `on_pair(p, window, candidate, outcome)` for each position, so the scored
     /// tuples can be written to an evidence bundle.
     ///
@@ -426,16 +397,13 @@ impl Detector {
     /// tuples instead of one per window would not be exact: two candidates after the
     /// same window would share the reading of the fed text's next token. And there is
     /// no exact null for the suspect's *probability mass* on green tokens, which is
-    /// why only the top-1 prediction is scored. The supervised filter depends on the
-    /// window only, never on the candidate, so it selects seeds without looking at
-    /// their values. Unigram has one seed for every window, so a reading tally scores
+    /// why only the top-1 prediction is scored. Unigram has one seed for every window, so a reading tally scores
     /// at most one tuple under it.
     pub fn tally_reading(
         &self,
         tally: &mut Tally,
         tokens: &[u32],
         predictions: &[u32],
-        only: Option<&WindowSet>,
         mut on_pair: impl FnMut(usize, &[u32], u32, PairOutcome),
     ) {
         let h = self.scheme.context();
@@ -443,11 +411,7 @@ impl Detector {
         for pos in h.max(1)..=end {
             let window = &tokens[pos - h..pos];
             let candidate = predictions[pos - 1];
-            let keep = only.is_none_or(|set| {
-                set.0
-                    .contains(&WindowPrf::new(&self.scheme, &self.key, window).id())
-            });
-            let outcome = self.tally_pair(tally, window, candidate, keep);
+            let outcome = self.tally_pair(tally, window, candidate, true);
             on_pair(pos, window, candidate, outcome);
         }
     }

@@ -116,7 +116,7 @@ fn reading_p(
     let mut t = Tally::default();
     for text in texts {
         let preds = predict(text, &suspect);
-        d.tally_reading(&mut t, text, &preds, None, |_, _, _, _| {});
+        d.tally_reading(&mut t, text, &preds, |_, _, _, _| {});
     }
     let r = d.finish(&t);
     (r.p_value, r.scored_tokens)
@@ -175,22 +175,6 @@ fn reading_mode_flags_a_suspect_that_absorbed_the_watermark_and_supervision_filt
     // Another key does not see it.
     let (p_other, _) = reading_p(&key(201), &texts, green_bias);
     assert!(p_other > 1e-3, "p under another key = {p_other}");
-
-    // Supervised: only windows of "our outputs" (the first text) are scored.
-    let only = d.window_set(texts[..1].iter().map(Vec::as_slice));
-    let mut t = Tally::default();
-    let (mut scored, mut filtered) = (0, 0);
-    for text in &texts {
-        let preds = predict(text, green_bias);
-        d.tally_reading(&mut t, text, &preds, Some(&only), |_, _, _, o| match o {
-            PairOutcome::Scored(_) => scored += 1,
-            PairOutcome::Filtered => filtered += 1,
-            _ => {}
-        });
-    }
-    assert!(scored as usize <= only.len());
-    assert!(filtered > 0);
-    assert_eq!(d.finish(&t).scored_tokens, scored);
 }
 
 #[test]

@@ -832,6 +832,9 @@ fn student_arm(
     let per_epoch = data.examples.len().div_ceil(cfg.batch_size);
     let total = per_epoch * cfg.epochs;
     let mut last = None;
+    // the last stage's reading audit is the final one (re-done only when a resumed
+    // run skipped that stage)
+    let mut last_reading = None;
     for k in 1..=cfg.checkpoints {
         let stop = (total * k).div_ceil(cfg.checkpoints).max(1);
         events(Event::Stage {
@@ -857,6 +860,7 @@ fn student_arm(
         })?;
         if points.iter().any(|p| p.step == rep.steps) {
             last = Some(rep);
+            last_reading = None;
             continue;
         }
         events(Event::Stage {
@@ -882,13 +886,17 @@ fn student_arm(
         )
         .map_err(io_err(&points_path))?;
         last = Some(rep);
+        last_reading = Some(r);
     }
     let rep = last.expect("at least one stage");
     events(Event::Stage {
         name: format!("{name}: final audits"),
         total: heldout.len() as u64,
     });
-    let reading = reading_audit(&student, fresh, ours, keys, scoring)?;
+    let reading = match last_reading {
+        Some(r) => r,
+        None => reading_audit(&student, fresh, ours, keys, scoring)?,
+    };
     let black_box = black_box_audit(
         cfg,
         &student,

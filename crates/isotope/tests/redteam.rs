@@ -114,6 +114,9 @@ fn redteam_tiny_end_to_end_and_resume() {
         assert_eq!(arm["harvest"]["records"], 6, "{arm}");
         let s = &arm["student"];
         assert_eq!(s["points"].as_array().unwrap().len(), 2, "{s}");
+        // the final reading audit is the last stage's (a resumed run recomputes it:
+        // checked equal below)
+        assert_eq!(s["points"][1]["p_value"], s["reading"]["p_value"], "{s}");
         assert!(!s["loss_curve"].as_array().unwrap().is_empty());
         for audit in ["reading", "black_box"] {
             let a = &s[audit];

@@ -154,8 +154,6 @@ pub enum PairOutcome {
     Control,
     /// The tuple is on the common-tuples list: not scored.
     Common,
-    /// The caller's filter left the window out (e.g. not in our outputs).
-    Filtered,
 }
 
 /// Which positions of a text are scored, and with what integer weight.
@@ -334,27 +332,18 @@ impl Detector {
     }
 
     /// Score one explicit (window, candidate) pair into `tally`, at most one pair per
-    /// distinct window seed — the building block of the white-box *reading mode* and of
-    /// re-checking an evidence bundle. `window` must be exactly `h` tokens.
+    /// distinct window seed — the building block of the white-box *reading mode*.
+    /// `window` must be exactly `h` tokens.
     ///
-    /// The window's seed is marked used whatever the outcome (also when `keep` is
-    /// false, the candidate is a control token or the tuple is common), because the
+    /// The window's seed is marked used whatever the outcome (also when the candidate
+    /// is a control token or the tuple is common), because the
     /// exactness argument of [`Detector::tally_reading`] needs every window the suspect
     /// has read to be spent.
-    pub fn tally_pair(
-        &self,
-        tally: &mut Tally,
-        window: &[u32],
-        candidate: u32,
-        keep: bool,
-    ) -> PairOutcome {
+    pub fn tally_pair(&self, tally: &mut Tally, window: &[u32], candidate: u32) -> PairOutcome {
         debug_assert_eq!(window.len(), self.scheme.context());
         let mut prf = WindowPrf::new(&self.scheme, &self.key, window);
         if !tally.windows.insert(prf.id()) {
             return PairOutcome::RepeatedWindow;
-        }
-        if !keep {
-            return PairOutcome::Filtered;
         }
         if self
             .excluded
@@ -397,8 +386,8 @@ impl Detector {
     /// tuples instead of one per window would not be exact: two candidates after the
     /// same window would share the reading of the fed text's next token. And there is
     /// no exact null for the suspect's *probability mass* on green tokens, which is
-    /// why only the top-1 prediction is scored. Unigram has one seed for every window, so a reading tally scores
-    /// at most one tuple under it.
+    /// why only the top-1 prediction is scored. Unigram has one seed for every window,
+    /// so a reading tally scores at most one tuple under it.
     pub fn tally_reading(
         &self,
         tally: &mut Tally,
@@ -411,7 +400,7 @@ impl Detector {
         for pos in h.max(1)..=end {
             let window = &tokens[pos - h..pos];
             let candidate = predictions[pos - 1];
-            let outcome = self.tally_pair(tally, window, candidate, true);
+            let outcome = self.tally_pair(tally, window, candidate);
             on_pair(pos, window, candidate, outcome);
         }
     }

@@ -152,7 +152,7 @@ fn reading_mode_is_exact_for_a_clean_suspect_reading_watermarked_text() {
 }
 
 #[test]
-fn reading_mode_flags_a_suspect_that_absorbed_the_watermark_and_supervision_filters() {
+fn reading_mode_flags_a_suspect_that_absorbed_the_watermark() {
     let k = key(200);
     let texts = marked(&k, 4, 150);
     let d = Detector::new(k.clone(), scheme(), no_exclusions());
@@ -180,21 +180,19 @@ fn reading_mode_flags_a_suspect_that_absorbed_the_watermark_and_supervision_filt
 #[test]
 fn tally_pair_scores_each_window_once_and_reports_why_not() {
     let k = key(3);
-    let d = Detector::new(k, scheme(), no_exclusions());
+    // token 10 is a control token
+    let mut excluded = vec![false; VOCAB];
+    excluded[10] = true;
+    let d = Detector::new(k, scheme(), excluded.into());
     let mut t = Tally::default();
     assert!(matches!(
-        d.tally_pair(&mut t, &[5], 9, true),
+        d.tally_pair(&mut t, &[5], 9),
         PairOutcome::Scored(_)
     ));
-    assert_eq!(
-        d.tally_pair(&mut t, &[5], 10, true),
-        PairOutcome::RepeatedWindow
-    );
-    assert_eq!(d.tally_pair(&mut t, &[6], 10, false), PairOutcome::Filtered);
-    assert_eq!(
-        d.tally_pair(&mut t, &[6], 11, true),
-        PairOutcome::RepeatedWindow
-    );
+    assert_eq!(d.tally_pair(&mut t, &[5], 11), PairOutcome::RepeatedWindow);
+    // a window read but not scored is spent all the same
+    assert_eq!(d.tally_pair(&mut t, &[6], 10), PairOutcome::Control);
+    assert_eq!(d.tally_pair(&mut t, &[6], 11), PairOutcome::RepeatedWindow);
     assert_eq!(t.scored(), 1);
 }
 

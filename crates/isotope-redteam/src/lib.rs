@@ -109,8 +109,7 @@ pub struct RedteamConfig {
     pub harvest_minutes: f64,
     /// `max_tokens` of every harvest request.
     pub max_tokens: u32,
-    /// Sampling temperature asked for by the harvester (and the students' black-box
-    /// answers).
+    /// Sampling temperature asked for by the harvester.
     pub temperature: f32,
     /// Harvest requests in flight.
     pub concurrency: usize,
@@ -126,6 +125,12 @@ pub struct RedteamConfig {
     pub heldout_prompts: usize,
     /// `max_tokens` of the students' black-box answers.
     pub heldout_max_tokens: usize,
+    /// Temperature the auditor samples the students' black-box answers at — its own
+    /// choice, not the harvest's. A moderate one: at 1.0 a small student's answers are
+    /// mostly draws from its flat tail, which carry no trace of what it learned; near 0
+    /// it repeats itself and the deduplication leaves few tuples.
+    #[serde(default = "default_audit_temperature")]
+    pub audit_temperature: f32,
     /// `tiny`, `small`, or a llama GGUF to initialise the students from.
     pub student: String,
     pub epochs: usize,
@@ -175,10 +180,11 @@ impl Default for RedteamConfig {
             benign_accounts: 2,
             benign_requests: 6,
             heldout_file: PathBuf::from("data/gsm8k/test.jsonl"),
-            heldout_prompts: 40,
+            heldout_prompts: 80,
             heldout_max_tokens: 128,
+            audit_temperature: default_audit_temperature(),
             student: "tiny".into(),
-            epochs: 1,
+            epochs: 4,
             batch_size: 4,
             seq_len: 320,
             lr: 1e-3,
@@ -195,10 +201,17 @@ impl Default for RedteamConfig {
     }
 }
 
-/// 10 minutes per arm: with ~5 minutes per student (training and audits) the default
-/// run stays within 30 minutes on 2 cores.
+/// 6 minutes per arm. Training time scales with the tokens harvested, so on any
+/// machine each student takes about half its harvest's time (4 epochs); with the
+/// teacher's answers for the unsupervised reading and the audits, the default run
+/// takes about 22 minutes on a 2-core machine where the teacher writes ~165 tokens/s
+/// and stays within 30 on one half as fast.
 fn default_harvest_minutes() -> f64 {
-    10.0
+    6.0
+}
+
+fn default_audit_temperature() -> f32 {
+    0.7
 }
 
 impl RedteamConfig {
@@ -225,6 +238,9 @@ impl RedteamConfig {
         }
         if !(self.harvest_minutes >= 0.0 && self.harvest_minutes < 1e6) {
             return bad("harvest_minutes must be a non-negative number (0: no limit)");
+        }
+        if !(self.audit_temperature >= 0.0 && self.audit_temperature <= 2.0) {
+            return bad("audit_temperature must lie between 0 and 2");
         }
         if !(self.price_per_million_tokens >= 0.0 && self.price_per_million_tokens.is_finite()) {
             return bad("price_per_million_tokens must be a non-negative number");
@@ -772,7 +788,7 @@ fn black_box_audit(
     for (i, p) in heldout.iter().enumerate() {
         let prompt_ids = tok.encode(&chatml_prompt(&p.text, None))?;
         let params = SamplingParams {
-            temperature: cfg.temperature,
+            temperature: cfg.audit_temperature,
             seed: cfg.seed + i as u64,
             ..SamplingParams::default()
         };

@@ -171,34 +171,29 @@ fn level_color(level: &str) -> &'static str {
 }
 
 /// A student's reading-mode p-values (one variant) against tokens trained on.
-fn reading_curve(
-    name: &str,
-    color: &'static str,
-    s: &ArmStudent,
-    supervised: bool,
-    dashed: bool,
-) -> Series {
-    let variant = if supervised {
-        "supervised"
-    } else {
-        "unsupervised"
+/// Which texts a reading-mode point's p-value came from.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// The student read the harvest (drawn solid).
+    Supervised,
+    /// The student read new teacher outputs (drawn dashed).
+    Unsupervised,
+}
+
+fn reading_curve(name: &str, color: &'static str, s: &ArmStudent, variant: Reading) -> Series {
+    let (label, pick): (_, fn(&AuditPoint) -> Option<f64>) = match variant {
+        Reading::Supervised => ("supervised", |p| p.supervised_p),
+        Reading::Unsupervised => ("unsupervised", |p| p.unsupervised_p),
     };
     Series {
-        name: format!("{name} – reading, {variant}"),
+        name: format!("{name} – reading, {label}"),
         color,
         points: s
             .points
             .iter()
-            .filter_map(|p| {
-                let v = if supervised {
-                    p.supervised_p
-                } else {
-                    p.unsupervised_p
-                };
-                v.map(|v| (p.harvest_tokens_trained as f64, nlog10(v)))
-            })
+            .filter_map(|p| pick(p).map(|v| (p.harvest_tokens_trained as f64, nlog10(v))))
             .collect(),
-        dashed,
+        dashed: matches!(variant, Reading::Unsupervised),
         dots: true,
     }
 }
@@ -322,21 +317,27 @@ pub fn render_html(r: &Report) -> String {
         );
     }
     h.push_str("</table>");
-    h.push_str(
+    let _ = write!(
+        h,
         "<p class=\"note\">Reading mode: the student's top-1 prediction at each position of \
          a text it reads, scored against the watermark window of that text, one tuple per \
          distinct window. <i>Supervised</i>: it reads the harvest (the answers it may have \
          trained on). <i>Unsupervised</i>: it reads new answers of the watermarked teacher \
          to the held-out prompts, which no student trained on — the test when the training \
-         data is not known. <i>Corrected</i>: the smaller p of the two, × 2.</p>",
+         data is not known. <i>Corrected</i>: the smaller p of the two, × 2. \
+         <i>Black-box</i>: the student answers {} held-out prompts (up to {} tokens each, \
+         sampled at temperature {}), scored one tuple per distinct (window, token) with the \
+         prompts' windows excluded.</p>",
+        r.config.heldout_prompts, r.config.heldout_max_tokens, r.config.audit_temperature
     );
 
     // p-value vs tokens.
     let mut series = Vec::new();
     for (a, color) in [(wm, "#c0392b"), (control, "#2471a3")] {
         let Some(a) = a else { continue };
-        series.push(reading_curve(a.arm.name(), color, &a.student, true, false));
-        series.push(reading_curve(a.arm.name(), color, &a.student, false, true));
+        for variant in [Reading::Supervised, Reading::Unsupervised] {
+            series.push(reading_curve(a.arm.name(), color, &a.student, variant));
+        }
     }
     h.push_str("<h2>p-value vs harvest tokens trained on</h2>");
     h.push_str(&p_chart(
@@ -350,7 +351,12 @@ pub fn render_html(r: &Report) -> String {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                reading_curve(&m.name, palette[i % palette.len()], &m.student, true, false)
+                reading_curve(
+                    &m.name,
+                    palette[i % palette.len()],
+                    &m.student,
+                    Reading::Supervised,
+                )
             })
             .collect();
         h.push_str(&p_chart(

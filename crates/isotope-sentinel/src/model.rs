@@ -390,28 +390,27 @@ pub fn fit_additive(
         }
     }
     // centre each shape on the benign rows, merge equal neighbouring intervals
-    let shapes = (0..NF)
-        .map(|j| {
-            let (mut s, mut sw) = (0.0, 0.0);
-            for i in (0..n).filter(|&i| !labels[i]) {
-                s += cw[i] * table[j][bin[i][j] as usize];
-                sw += cw[i];
+    let mut shapes = Vec::with_capacity(NF);
+    for j in 0..NF {
+        let (mut s, mut sw) = (0.0, 0.0);
+        for i in (0..n).filter(|&i| !labels[i]) {
+            s += cw[i] * table[j][bin[i][j] as usize];
+            sw += cw[i];
+        }
+        let c = if sw > 0.0 { s / sw } else { 0.0 };
+        bias += c;
+        let mut shape = Shape {
+            edges: Vec::new(),
+            values: vec![table[j][0] - c],
+        };
+        for (e, &v) in cuts[j].iter().zip(&table[j][1..]) {
+            if Some(&(v - c)) != shape.values.last() {
+                shape.edges.push(*e);
+                shape.values.push(v - c);
             }
-            let c = if sw > 0.0 { s / sw } else { 0.0 };
-            bias += c;
-            let mut shape = Shape {
-                edges: Vec::new(),
-                values: vec![table[j][0] - c],
-            };
-            for (e, &v) in cuts[j].iter().zip(&table[j][1..]) {
-                if Some(&(v - c)) != shape.values.last() {
-                    shape.edges.push(*e);
-                    shape.values.push(v - c);
-                }
-            }
-            shape
-        })
-        .collect();
+        }
+        shapes.push(shape);
+    }
     (shapes, bias)
 }
 

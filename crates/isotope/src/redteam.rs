@@ -34,7 +34,7 @@ pub struct RedteamArgs {
     /// Number of harvest prompts (at most: see --harvest-minutes).
     #[arg(long)]
     prompts: Option<usize>,
-    /// Minutes each arm's harvest may take (default 10; 0: no limit): the control arm
+    /// Minutes each arm's harvest may take (default 6; 0: no limit): the control arm
     /// answers the prompts the watermarked arm got in that time.
     #[arg(long, value_parser = crate::limit_minutes)]
     harvest_minutes: Option<f64>,
@@ -65,6 +65,10 @@ pub struct RedteamArgs {
     /// max_tokens of the students' black-box answers.
     #[arg(long)]
     heldout_max_tokens: Option<usize>,
+    /// Temperature of the students' black-box answers (the auditor's choice; default
+    /// 0.7: a small student at 1.0 answers mostly from its flat tail).
+    #[arg(long)]
+    audit_temperature: Option<f32>,
     /// Student: tiny, small, or a llama GGUF to initialise from.
     #[arg(long)]
     student: Option<String>,
@@ -137,6 +141,7 @@ fn merge(a: &RedteamArgs) -> Result<RedteamConfig> {
         heldout_file,
         heldout_prompts,
         heldout_max_tokens,
+        audit_temperature,
         student,
         epochs,
         batch_size,

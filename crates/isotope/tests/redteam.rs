@@ -64,7 +64,8 @@ fn redteam_tiny_end_to_end_and_resume() {
     let config = dir.path().join("redteam.toml");
     std::fs::write(
         &config,
-        "benign_accounts = 1\nbenign_requests = 2\nheldout_prompts = 3\nprompts = 99\n",
+        "benign_accounts = 1\nbenign_requests = 2\nheldout_prompts = 3\nprompts = 99\n\
+         audit_temperature = 0.5\n",
     )
     .unwrap();
     let args = |cmd: &mut StdCommand| {
@@ -101,6 +102,10 @@ fn redteam_tiny_end_to_end_and_resume() {
     );
     assert!(html.contains("mix-50"), "the mixture has a row");
     assert!(html.contains("h = 1"), "the report states the window");
+    assert!(
+        html.contains("sampled at temperature 0.5"),
+        "the report states the black-box answers' temperature"
+    );
     let file: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(file["arms"], v["arms"]);
@@ -108,6 +113,7 @@ fn redteam_tiny_end_to_end_and_resume() {
     assert_eq!(v["window"], 1);
     assert_eq!(v["config"]["prompts"], 6, "flags win over the file");
     assert_eq!(v["config"]["benign_accounts"], 1, "the file is read");
+    assert_eq!(v["config"]["audit_temperature"], 0.5);
     assert_eq!(v["arms"][0]["arm"], "watermarked");
     assert_eq!(v["arms"][1]["arm"], "control");
     for arm in v["arms"].as_array().unwrap() {
@@ -234,6 +240,11 @@ fn redteam_tiny_end_to_end_and_resume() {
         .arg(dir.path().join("bad-mix")));
     assert_ne!(code, 0);
     assert!(stderr.contains("mix fraction"), "{stderr}");
+    let (code, _, stderr) = run(isotope()
+        .args(["redteam", "--audit-temperature=-1", "--out"])
+        .arg(dir.path().join("bad-temperature")));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("audit_temperature"), "{stderr}");
 
     // Bad input: a missing teacher model is a clear error.
     let (code, _, stderr) = run(isotope()

@@ -170,7 +170,6 @@ fn level_color(level: &str) -> &'static str {
     }
 }
 
-/// A student's reading-mode p-values (one variant) against tokens trained on.
 /// Which texts a reading-mode point's p-value came from.
 #[derive(Clone, Copy)]
 enum Reading {
@@ -180,6 +179,7 @@ enum Reading {
     Unsupervised,
 }
 
+/// A student's reading-mode p-values (one variant) against tokens trained on.
 fn reading_curve(name: &str, color: &'static str, s: &ArmStudent, variant: Reading) -> Series {
     let (label, pick): (_, fn(&AuditPoint) -> Option<f64>) = match variant {
         Reading::Supervised => ("supervised", |p| p.supervised_p),

@@ -38,6 +38,14 @@ pub struct Thresholds {
 /// Logit offsets above the flag threshold for throttle, degrade and block.
 pub const LEVEL_OFFSETS: [f64; 3] = [1.0, 2.5, 4.0];
 
+/// How far (in logit) a score must fall below a level's threshold before an account
+/// at that level steps down. Why: a harvester's score drifts with its windows and
+/// sits near a threshold for many re-scores; without a margin its level flaps
+/// (observe → flag → observe → flag: one alert and one policy change each time),
+/// which was seen in the red-team runs. Half the smallest gap between levels, so a
+/// step down is still one level's worth of evidence less, never a whole level.
+pub const STEP_DOWN_LOGIT: f64 = 0.5;
+
 impl Thresholds {
     /// Thresholds from the flag threshold and [`LEVEL_OFFSETS`].
     pub fn from_flag(flag: f64) -> Self {
@@ -50,7 +58,20 @@ impl Thresholds {
         }
     }
 
-    /// The level of a score.
+    /// The level of an account with this score that was at `previous` before: up at
+    /// once to [`Thresholds::level`], down only as far as the score has fallen
+    /// [`STEP_DOWN_LOGIT`] below each threshold it leaves (hysteresis). Never above
+    /// `previous` or the score's own level, whichever is higher.
+    pub fn level_after(&self, previous: Level, score: f64) -> Level {
+        let now = self.level(score);
+        if now >= previous {
+            return now;
+        }
+        let held = self.level(sigmoid(logit(score) + STEP_DOWN_LOGIT));
+        now.max(held.min(previous))
+    }
+
+    /// The level of a score (for an account with no previous level).
     pub fn level(&self, score: f64) -> Level {
         if score >= self.block {
             Level::Block
@@ -594,5 +615,86 @@ mod tests {
             serde_json::to_string(&Level::Degrade).unwrap(),
             "\"degrade\""
         );
+    }
+
+    /// A score this many logits from the threshold `p`.
+    fn near(p: f64, by: f64) -> f64 {
+        sigmoid(logit(p) + by)
+    }
+
+    #[test]
+    fn levels_go_up_at_once_and_down_only_past_the_margin() {
+        let t = Thresholds::from_flag(0.8);
+        // up: immediate, from any level
+        assert_eq!(t.level_after(Level::Observe, 1.0), Level::Block);
+        assert_eq!(
+            t.level_after(Level::Observe, near(t.flag, 0.01)),
+            Level::Flag
+        );
+        // just under the flag threshold: a flagged account stays flagged, an observed
+        // one is not raised
+        let under = near(t.flag, -0.2);
+        assert_eq!(t.level_after(Level::Flag, under), Level::Flag);
+        assert_eq!(t.level_after(Level::Observe, under), Level::Observe);
+        // past the margin it steps down
+        let past = near(t.flag, -(STEP_DOWN_LOGIT + 0.1));
+        assert_eq!(t.level_after(Level::Flag, past), Level::Observe);
+        // from block, a score just under degrade's threshold holds degrade only (one
+        // level's margin, not a pass to stay at block)
+        assert_eq!(
+            t.level_after(Level::Block, near(t.degrade, -0.2)),
+            Level::Degrade
+        );
+        // …and a score well inside the throttle band falls to throttle
+        assert_eq!(
+            t.level_after(Level::Block, near(t.throttle, 0.1)),
+            Level::Throttle
+        );
+    }
+
+    #[test]
+    fn a_score_wobbling_at_the_threshold_changes_level_once() {
+        let t = Thresholds::from_flag(0.9);
+        let scores: Vec<f64> = (0..40)
+            .map(|i| near(t.flag, if i % 2 == 0 { 0.1 } else { -0.1 }))
+            .collect();
+        let changes = |hysteresis: bool| {
+            let mut level = Level::Observe;
+            let mut n = 0;
+            for &s in &scores {
+                let next = if hysteresis {
+                    t.level_after(level, s)
+                } else {
+                    t.level(s)
+                };
+                n += usize::from(next != level);
+                level = next;
+            }
+            n
+        };
+        assert_eq!(changes(false), 40);
+        assert_eq!(changes(true), 1);
+    }
+
+    proptest::proptest! {
+        /// Hysteresis only ever holds a level the account had: the new level is at
+        /// least the score's own and at most the higher of that and the previous one,
+        /// and it is the score's own whenever that is not lower than the previous.
+        #[test]
+        fn level_after_stays_between_the_score_and_the_previous_level(
+            flag in 0.05f64..0.999,
+            score in 0.0f64..=1.0,
+            prev in 0usize..5,
+        ) {
+            let t = Thresholds::from_flag(flag);
+            let previous = [Level::Observe, Level::Flag, Level::Throttle, Level::Degrade, Level::Block][prev];
+            let own = t.level(score);
+            let after = t.level_after(previous, score);
+            proptest::prop_assert!(after >= own);
+            proptest::prop_assert!(after <= own.max(previous));
+            if own >= previous {
+                proptest::prop_assert_eq!(after, own);
+            }
+        }
     }
 }

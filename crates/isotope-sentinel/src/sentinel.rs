@@ -74,8 +74,9 @@ pub struct Assessment {
     pub account_score: f64,
     /// The cluster's score, when in a cluster of two or more.
     pub cluster_score: Option<f64>,
-    /// Policy level of `score`: an account's level is the max of its own and its
-    /// cluster's.
+    /// Policy level of `score`, with hysteresis on the way down
+    /// ([`Thresholds::level_after`] from the account's previous level): an account's
+    /// level is the max of its own and its cluster's.
     pub level: Level,
     /// The features behind the score (top contributions of the larger side).
     pub reasons: Vec<Reason>,
@@ -303,7 +304,10 @@ impl Sentinel {
             score,
             account_score,
             cluster_score,
-            level: model.thresholds.level(score),
+            level: match &slot.last {
+                Some(prev) => model.thresholds.level_after(prev.level, score),
+                None => model.thresholds.level(score),
+            },
             reasons,
         }
     }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use isotope_sentinel::{
-    evaluate, simulate, train, Embedder, HashedEmbedder, Level, Scenario, Sentinel, SentinelConfig,
-    Simulated, TrainConfig,
+    evaluate, logit, simulate, train, Embedder, HashedEmbedder, Level, Scenario, Sentinel,
+    SentinelConfig, Simulated, TrainConfig, STEP_DOWN_LOGIT,
 };
 
 /// The built-in model's embedder.
@@ -103,13 +103,49 @@ fn online_api_levels_and_assess() {
         .unwrap(),
     );
     let sim = simulate(&Scenario::default_mixed().scaled(0.1), 99).unwrap();
+    let t = model.thresholds.clone();
     let mut s = Sentinel::new(SentinelConfig::with_model(model));
+    // each account's own level, to check the hysteresis on the way down
+    let mut last: std::collections::HashMap<i64, Level> = Default::default();
+    let threshold = |l: Level| match l {
+        Level::Observe => 0.0,
+        Level::Flag => t.flag,
+        Level::Throttle => t.throttle,
+        Level::Degrade => t.degrade,
+        Level::Block => t.block,
+    };
+    let (mut ups, mut downs) = (0, 0);
     for e in &sim.events {
         if let Some(a) = s.observe(e) {
             assert!((0.0..=1.0).contains(&a.score));
             assert!(a.cluster_size >= 1);
+            // never below the score's own level; above it only when held from before
+            assert!(a.level >= t.level(a.score));
+            let prev = last.insert(a.account_id, a.level).unwrap_or(Level::Observe);
+            if a.level > t.level(a.score) {
+                assert!(
+                    prev >= a.level,
+                    "{} held {:?} it never had",
+                    a.account_id,
+                    a.level
+                );
+            }
+            if a.level < prev {
+                downs += 1;
+                // stepped down: the score fell past the margin below what it left
+                assert!(
+                    logit(a.score) < logit(threshold(prev)) - STEP_DOWN_LOGIT + 1e-9,
+                    "{} left {prev:?} at score {}",
+                    a.account_id,
+                    a.score
+                );
+            } else if a.level > prev {
+                ups += 1;
+            }
         }
     }
+    eprintln!("level changes: {ups} up, {downs} down");
+    assert!(ups > 0);
     let now = sim.events.last().unwrap().created_at_ms;
     let all = s.assess(now);
     assert_eq!(all.len(), sim.labels.len());

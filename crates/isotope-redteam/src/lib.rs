@@ -1059,6 +1059,123 @@ async fn sentinel_timeline(cfg: &RedteamConfig) -> Result<report::SentinelReport
     })
 }
 
+/// Settings a finished harvest was made with: changing one makes a kept harvest
+/// mean something else.
+const HARVEST_SETTINGS: &[&str] = &[
+    "model",
+    "scheme",
+    "prompt_file",
+    "prompts",
+    "harvest_minutes",
+    "max_tokens",
+    "temperature",
+    "max_accounts",
+    "benign_file",
+    "benign_accounts",
+    "benign_requests",
+    "heldout_file",
+    "heldout_prompts",
+    "sentinel",
+    "flag_threshold",
+    "seed",
+];
+
+/// Settings a kept student, its audit points or its black-box answers were made
+/// with.
+const STUDENT_SETTINGS: &[&str] = &[
+    "student",
+    "epochs",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "checkpoints",
+    "audit_texts",
+    "heldout_file",
+    "heldout_prompts",
+    "heldout_max_tokens",
+    "audit_temperature",
+    "seed",
+];
+
+/// A rerun resumes what `cfg.out` already holds (harvests, students, audit points),
+/// so it must ask for what that work was made with: else the report would mix, say,
+/// 4-epoch audit points into an 8-epoch run under the new settings' name. Refuses,
+/// naming each changed setting, when finished work of that kind exists. Settings
+/// that change no kept result (threads, slots, concurrency, price, mixtures) may
+/// differ.
+fn check_resume(cfg: &RedteamConfig, config_path: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(config_path) else {
+        return Ok(());
+    };
+    let Ok(old) = serde_json::from_str::<RedteamConfig>(&text) else {
+        return Err(RedteamError::Config(format!(
+            "{} is not a red-team config this isotope reads: use a new --out",
+            config_path.display()
+        )));
+    };
+    let out = &cfg.out;
+    let arms_and_mixes = || {
+        std::fs::read_dir(out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+    };
+    let harvested = arms_and_mixes().any(|d| d.join("harvest.json").exists())
+        || out
+            .join(Arm::Watermarked.name())
+            .join("fresh.jsonl")
+            .exists();
+    let trained = arms_and_mixes().any(|d| d.join("student").exists());
+    let changed = changed_settings(&old, cfg, harvested, trained);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(RedteamError::Config(format!(
+        "{} holds finished work made with other settings ({}); a rerun resumes it only \
+         with the same ones. Use a new --out (copying an arm's harvest.json and \
+         harvest.jsonl there reuses its harvest), or the settings in {}",
+        out.display(),
+        changed.join(", "),
+        config_path.display()
+    )))
+}
+
+/// `name old → new` for each setting of the groups whose work exists that differs.
+fn changed_settings(
+    old: &RedteamConfig,
+    new: &RedteamConfig,
+    harvested: bool,
+    trained: bool,
+) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(old).expect("serialises"),
+        serde_json::to_value(new).expect("serialises"),
+    );
+    let mut names: Vec<&str> = Vec::new();
+    if harvested {
+        names.extend(HARVEST_SETTINGS);
+    }
+    if trained {
+        for n in STUDENT_SETTINGS {
+            if !names.contains(n) {
+                names.push(n);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .filter(|n| a.get(n) != b.get(n))
+        .map(|n| {
+            let show = |v: Option<&serde_json::Value>| {
+                v.map_or_else(|| "unset".to_owned(), |v| v.to_string())
+            };
+            format!("{n} {} → {}", show(a.get(n)), show(b.get(n)))
+        })
+        .collect()
+}
+
 /// Run everything; writes `report.json` and `report.html` into `cfg.out`. `model` is
 /// the teacher's tokenizer (vocab-only is enough) and `scoring` the audit's scheme,
 /// control tokens and common-tuples list — the same the `audit` commands use.
@@ -1072,6 +1189,7 @@ pub fn run(
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).map_err(io_err(&cfg.out))?;
     let config_path = cfg.out.join("config.json");
+    check_resume(cfg, &config_path)?;
     std::fs::write(
         &config_path,
         serde_json::to_string_pretty(cfg).expect("serialises"),
@@ -1212,6 +1330,54 @@ mod tests {
             logprobs: None,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_resume_with_other_settings_is_refused_for_the_work_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = RedteamConfig {
+            out: dir.path().to_path_buf(),
+            model: dir.path().join("teacher.gguf"),
+            ..RedteamConfig::default()
+        };
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_string(&old).unwrap()).unwrap();
+        let new = RedteamConfig {
+            epochs: 8,
+            temperature: 0.5,
+            threads: Some(1),
+            slots: 2,
+            ..old.clone()
+        };
+        // nothing finished yet: any settings go
+        check_resume(&new, &path).unwrap();
+        // a harvest exists: its settings are fixed, the students' are not yet
+        let wm = dir.path().join("watermarked");
+        std::fs::create_dir_all(&wm).unwrap();
+        std::fs::write(wm.join("harvest.json"), "{}").unwrap();
+        let e = check_resume(&new, &path).unwrap_err().to_string();
+        assert!(e.contains("temperature 1.0 → 0.5"), "{e}");
+        assert!(
+            !e.contains("epochs") && !e.contains("threads") && !e.contains("slots"),
+            "{e}"
+        );
+        // a student exists too: its settings are fixed as well
+        std::fs::create_dir_all(dir.path().join("mix-25/student")).unwrap();
+        let e = check_resume(&new, &path).unwrap_err().to_string();
+        assert!(e.contains("epochs 4 → 8") && e.contains("--out"), "{e}");
+        // the same settings resume; so do other threads, slots and mixtures
+        let same = RedteamConfig {
+            threads: Some(2),
+            mixes: vec![0.25],
+            ..old.clone()
+        };
+        check_resume(&same, &path).unwrap();
+        // the output directory's own path may change (a copied run)
+        let moved = RedteamConfig {
+            out: dir.path().join("elsewhere"),
+            ..old.clone()
+        };
+        assert!(changed_settings(&old, &moved, true, true).is_empty());
     }
 
     #[test]

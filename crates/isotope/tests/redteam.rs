@@ -234,6 +234,22 @@ fn redteam_tiny_end_to_end_and_resume() {
         mix["student"]["points"]
     );
 
+    // A rerun that asks for other settings than the kept work's is refused, naming
+    // them, and leaves the run as it was.
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    let mut cmd = isotope();
+    args(&mut cmd);
+    let (code, _, stderr) = run(cmd.args(["--lr", "0.002"]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("lr 0.001 → 0.002") && stderr.contains("--out"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("report.json")).unwrap(),
+        report
+    );
+
     // Bad input: a mixture share outside (0, 1) is refused before anything runs.
     let (code, _, stderr) = run(isotope()
         .args(["redteam", "--mixes", "0.25,1.5", "--out"])

@@ -1380,6 +1380,16 @@ mod tests {
         assert!(changed_settings(&old, &moved, true, true).is_empty());
     }
 
+    /// The setting lists name fields by their serialised names: a misspelt or renamed
+    /// one would silently never be compared.
+    #[test]
+    fn every_checked_setting_is_a_config_field() {
+        let v = serde_json::to_value(RedteamConfig::default()).unwrap();
+        for n in HARVEST_SETTINGS.iter().chain(STUDENT_SETTINGS) {
+            assert!(v.get(n).is_some(), "{n} is not a RedteamConfig field");
+        }
+    }
+
     #[test]
     fn mix_names() {
         assert_eq!(mix_name(0.25), "mix-25");

@@ -30,6 +30,6 @@ pub use eval::{
     BenchReport, EvalReport, LooReport, StrategyReport, TrainConfig, TrainError,
 };
 pub use minilm::{embedder_for, EmbedderKind, MiniLmEmbedder, MiniLmError};
-pub use model::{logit, sigmoid, Level, Model, Reason, Thresholds, LEVEL_OFFSETS, STEP_DOWN_LOGIT};
+pub use model::{logit, Level, Model, Reason, Thresholds, STEP_DOWN_LOGIT};
 pub use sentinel::{Assessment, Sentinel, SentinelConfig};
 pub use sim::{simulate, LabelledEvent, Scenario, SimError, Simulated, Strategy};

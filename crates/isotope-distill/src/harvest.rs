@@ -456,7 +456,7 @@ enum Outcome {
     Failed(String),
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -472,7 +472,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
 }
 
-fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     let v: Option<Value> = serde_json::from_str(body).ok();
     let msg = v
         .as_ref()
@@ -648,7 +648,7 @@ fn parse_completion(
 }
 
 /// The first model `GET /v1/models` lists.
-async fn default_model(
+pub(crate) async fn default_model(
     client: &reqwest::Client,
     url: &str,
     api_key: Option<&str>,

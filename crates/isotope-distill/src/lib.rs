@@ -30,14 +30,17 @@
 //! # }
 //! ```
 //!
-//! Harvesting ([`harvest`], [`read_prompts`]) is the one async, HTTP-speaking module:
-//! it asks any OpenAI-compatible endpoint for completions and writes resumable JSONL
-//! that [`load_jsonl`] reads as is. Knows nothing of llama.cpp: the student is
+//! Harvesting ([`harvest`], [`read_prompts`]) and [`echo`] are the async,
+//! HTTP-speaking modules: the first asks any OpenAI-compatible endpoint for
+//! completions and writes resumable JSONL that [`load_jsonl`] reads as is; the second
+//! reads a model's top-1 predictions along a given text out of its prompt log-probs
+//! (for an audit of a suspect whose weights are not in hand). Knows nothing of llama.cpp: the student is
 //! pure candle, and samples through `isotope_sampling::Sampler` so that it decodes —
 //! and watermarks — exactly as the server does.
 
 mod config;
 mod data;
+pub mod echo;
 mod error;
 mod export;
 mod harvest;

@@ -154,7 +154,16 @@ pub enum PairOutcome {
     Control,
     /// The tuple is on the common-tuples list: not scored.
     Common,
+    /// The suspect's prediction is unknown ([`NO_PREDICTION`]): the window is spent,
+    /// nothing is scored.
+    NoPrediction,
 }
+
+/// Stands in a reading-mode prediction list for a position whose top-1 is not known —
+/// e.g. an API returned a token piece that several ids share. [`Detector::tally_pair`]
+/// spends that window and scores nothing; which positions are unknown depends on the
+/// suspect and the text, never on the key, so the null stays exact.
+pub const NO_PREDICTION: u32 = u32::MAX;
 
 /// Which positions of a text are scored, and with what integer weight.
 #[derive(Clone, Copy)]
@@ -344,6 +353,9 @@ impl Detector {
         let mut prf = WindowPrf::new(&self.scheme, &self.key, window);
         if !tally.windows.insert(prf.id()) {
             return PairOutcome::RepeatedWindow;
+        }
+        if candidate == NO_PREDICTION {
+            return PairOutcome::NoPrediction;
         }
         if self
             .excluded

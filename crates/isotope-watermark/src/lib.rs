@@ -27,7 +27,7 @@ pub mod weighted;
 pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
     detect_multi_key, detect_multi_key_weighted, Detection, Detector, MultiKeyDetection,
-    PairOutcome, Tally, WeightedStatistic, WindowedDetection,
+    PairOutcome, Tally, WeightedStatistic, WindowedDetection, NO_PREDICTION,
 };
 pub use entropy::{EntropyMeasure, EntropyRule, EntropyRuleError, WEIGHT_LEVELS};
 pub use hook::{ExcludedTokens, WatermarkHook};

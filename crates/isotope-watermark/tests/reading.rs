@@ -8,6 +8,7 @@ use std::sync::Arc;
 use isotope_sampling::{Sampler, SamplingParams, StepContext};
 use isotope_watermark::{
     stats, Detector, ExcludedTokens, PairOutcome, Scheme, Tally, WatermarkHook, WatermarkKey,
+    NO_PREDICTION,
 };
 
 const VOCAB: usize = 2000;
@@ -193,6 +194,12 @@ fn tally_pair_scores_each_window_once_and_reports_why_not() {
     // a window read but not scored is spent all the same
     assert_eq!(d.tally_pair(&mut t, &[6], 10), PairOutcome::Control);
     assert_eq!(d.tally_pair(&mut t, &[6], 11), PairOutcome::RepeatedWindow);
+    // an unknown prediction spends its window too
+    assert_eq!(
+        d.tally_pair(&mut t, &[7], NO_PREDICTION),
+        PairOutcome::NoPrediction
+    );
+    assert_eq!(d.tally_pair(&mut t, &[7], 9), PairOutcome::RepeatedWindow);
     assert_eq!(t.scored(), 1);
 }
 

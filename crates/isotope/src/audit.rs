@@ -81,9 +81,10 @@ struct TextArgs {
 struct ModelAuditArgs {
     #[command(flatten)]
     common: KeyArgs,
-    /// The suspect: an http(s) URL of an OpenAI-compatible API (black-box), or for
-    /// white-box reading mode a GGUF file (read through llama.cpp) or a student
-    /// directory from `distill train` (read through candle).
+    /// The suspect: an http(s) URL of an OpenAI-compatible API (black-box with
+    /// --prompts; reading mode through its prompt log-probs with --texts /
+    /// --supervised-with), or for white-box reading mode a GGUF file (read through
+    /// llama.cpp) or a student directory from `distill train` (read through candle).
     #[arg(long)]
     suspect: String,
     /// API key for a black-box suspect.
@@ -102,7 +103,7 @@ struct ModelAuditArgs {
     /// Tokens per black-box completion.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
-    /// Black-box requests in flight.
+    /// Requests to an API suspect in flight.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// Reading mode, *unsupervised* variant: texts the suspect is not known to have
@@ -114,7 +115,12 @@ struct ModelAuditArgs {
     /// stronger test when the training data is known.
     #[arg(long)]
     supervised_with: Vec<PathBuf>,
-    /// Write an evidence bundle into DIR (black-box: the suspect's outputs are
+    /// Reading through an API: tokens per request (each piece is read from a fresh
+    /// context; default 1024, what the white-box readers use for a model whose
+    /// context is at least that). Lower it for a suspect with a shorter context.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
+    reading_piece: Option<u32>,
+    /// Write an evidence bundle into DIR (an API suspect's outputs or predictions are
     /// written there as they arrive, so an interrupted audit resumes).
     #[arg(long)]
     bundle: Option<PathBuf>,
@@ -327,7 +333,9 @@ fn model(a: ModelAuditArgs) -> Result<()> {
         );
     }
     let is_url = a.suspect.starts_with("http://") || a.suspect.starts_with("https://");
+    let reads = !a.texts.is_empty() || !a.supervised_with.is_empty();
     let parameters = json!({
+        "reader": if !reads { None } else if is_url { Some("api-echo") } else { Some("weights") },
         "suspect": a.suspect,
         "prompts": a.prompts,
         "budget_tokens": a.budget_tokens,
@@ -335,7 +343,16 @@ fn model(a: ModelAuditArgs) -> Result<()> {
         "texts": a.texts,
         "supervised_with": a.supervised_with,
     });
-    let (mode, evidence) = if is_url {
+    let (mode, evidence) = if is_url && reads {
+        if a.prompts.is_some() {
+            bail!(
+                "give an API suspect either --prompts (black-box: score its answers) or \
+                 --texts / --supervised-with (reading mode through its prompt log-probs), \
+                 not both; run the audit twice for both"
+            );
+        }
+        (Mode::Reading, reading_via_api(&s, &a)?)
+    } else if is_url {
         (Mode::BlackBox, black_box(&s, &a)?)
     } else {
         (Mode::Reading, reading(&s, &a)?)
@@ -516,6 +533,217 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
         texts,
         supervised,
     })
+}
+
+/// Reading mode through an API: every text is sent as token ids with `echo` and
+/// `logprobs`, and the suspect's top-1 at each position comes out of its prompt
+/// log-probs (`isotope_distill::echo`). Texts are read in the pieces the white-box
+/// readers use, so a served GGUF reads exactly as the file does. With --bundle every
+/// piece's predictions are kept in `readings.jsonl` as they arrive: a rerun resumes.
+fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
+    use isotope_distill::echo::{EchoClient, EchoConfig, PieceMap};
+    let mut texts = read_texts(&s.model, &a.texts)?;
+    let mut supervised = read_texts(&s.model, &a.supervised_with)?;
+    if texts.is_empty() && supervised.is_empty() {
+        bail!("no texts to read: check the files (see the skipped lines above)");
+    }
+    // The suspect's context is unknown here: read in the longest pieces a white-box
+    // reader uses (a suspect whose context is at least that reads exactly as its file).
+    let piece_len = a
+        .reading_piece
+        .map_or(reading_piece(usize::MAX), |n| n as usize);
+    let map = Arc::new(PieceMap::new(
+        (0..s.model.n_vocab() as u32)
+            .map(|id| s.model.token_text(id))
+            .collect(),
+    ));
+    let cfg = EchoConfig {
+        endpoint: a.suspect.clone(),
+        api_key: a.api_key.clone(),
+        model: a.suspect_model.clone(),
+        ..EchoConfig::default()
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let client = rt
+        .block_on(EchoClient::connect(&cfg))
+        .with_context(|| format!("querying the suspect at {}", a.suspect))?;
+    let mut cache = ReadingCache::open(a.bundle.as_deref(), &a.suspect, client.model())?;
+    let mut wanted: Vec<Vec<u32>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for t in texts.iter().chain(&supervised) {
+        for piece in t.tokens.chunks(piece_len) {
+            if !cache.readings.contains_key(piece) && seen.insert(piece.to_vec()) {
+                wanted.push(piece.to_vec());
+            }
+        }
+    }
+    if !cache.readings.is_empty() && !wanted.is_empty() {
+        eprintln!(
+            "resuming: {} pieces read before, {} to read",
+            cache.readings.len(),
+            wanted.len()
+        );
+    }
+    let bar = ProgressBar::new(wanted.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} pieces read through the suspect's API {elapsed_precise}",
+        )
+        .expect("static template"),
+    );
+    let client = Arc::new(client);
+    let failed = rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for piece in wanted {
+            let (client, map, sem) = (client.clone(), map.clone(), sem.clone());
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore open");
+                let r = client.read(&piece, &map).await;
+                (piece, r)
+            });
+        }
+        let mut failed: Option<anyhow::Error> = None;
+        while let Some(done) = set.join_next().await {
+            let (piece, r) = match done {
+                Ok(d) => d,
+                Err(e) if e.is_cancelled() => continue,
+                Err(e) => return Err(anyhow::Error::new(e).context("a reading task failed")),
+            };
+            match r {
+                Ok(r) => {
+                    cache.insert(piece, r.predictions)?;
+                    bar.inc(1);
+                }
+                Err(e) => {
+                    if failed.is_none() {
+                        // Stop asking: what is read is kept, a rerun continues.
+                        set.abort_all();
+                        failed = Some(e.into());
+                    }
+                }
+            }
+        }
+        anyhow::Ok(failed)
+    })?;
+    bar.finish_and_clear();
+    if let Some(e) = failed {
+        let kept = if a.bundle.is_some() {
+            format!(
+                "; {} pieces read are kept in the bundle, rerun the same command to continue",
+                cache.readings.len()
+            )
+        } else {
+            String::new()
+        };
+        return Err(e.context(format!(
+            "reading through the suspect at {}{kept}",
+            a.suspect
+        )));
+    }
+    let mut unknown = 0usize;
+    let mut positions = 0usize;
+    for t in texts.iter_mut().chain(&mut supervised) {
+        let mut preds = Vec::with_capacity(t.tokens.len());
+        for piece in t.tokens.chunks(piece_len) {
+            let read = &cache.readings[piece];
+            for p in read {
+                unknown += usize::from(p.is_none());
+                preds.push(p.unwrap_or(isotope_watermark::NO_PREDICTION));
+            }
+        }
+        positions += preds.len();
+        t.predictions = Some(preds);
+    }
+    if unknown > 0 {
+        eprintln!(
+            "{unknown} of {positions} predictions name no single token (a printed piece that \
+             several tokens share): those windows are spent, not scored"
+        );
+    }
+    Ok(Evidence {
+        prompts: Vec::new(),
+        texts,
+        supervised,
+    })
+}
+
+/// Predictions of an API suspect per piece read, kept in a bundle as they arrive.
+struct ReadingCache {
+    readings: std::collections::HashMap<Vec<u32>, Vec<Option<u32>>>,
+    file: Option<(PathBuf, std::fs::File)>,
+}
+
+impl ReadingCache {
+    const FILE: &'static str = "readings.jsonl";
+
+    fn open(bundle: Option<&Path>, suspect: &str, model: &str) -> Result<Self> {
+        use std::io::Write;
+        let mut readings = std::collections::HashMap::new();
+        let Some(dir) = bundle else {
+            return Ok(Self {
+                readings,
+                file: None,
+            });
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(Self::FILE);
+        let header = json!({"suspect": suspect, "model": model});
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut lines = text.lines();
+            let first: serde_json::Value = lines
+                .next()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default();
+            if first != header {
+                bail!(
+                    "{} holds readings of another suspect ({first}); use another --bundle \
+                     directory for {suspect} (model {model})",
+                    path.display()
+                );
+            }
+            for line in lines {
+                // A line cut short by an interruption is read again.
+                if let Ok(r) = serde_json::from_str::<CachedReading>(line) {
+                    if r.predictions.len() == r.piece.len() {
+                        readings.insert(r.piece, r.predictions);
+                    }
+                }
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if f.metadata()?.len() == 0 {
+            writeln!(f, "{header}")?;
+        }
+        Ok(Self {
+            readings,
+            file: Some((path, f)),
+        })
+    }
+
+    fn insert(&mut self, piece: Vec<u32>, predictions: Vec<Option<u32>>) -> Result<()> {
+        use std::io::Write;
+        if let Some((path, f)) = &mut self.file {
+            let line = serde_json::to_string(&CachedReading {
+                piece: piece.clone(),
+                predictions: predictions.clone(),
+            })?;
+            writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        }
+        self.readings.insert(piece, predictions);
+        Ok(())
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedReading {
+    piece: Vec<u32>,
+    predictions: Vec<Option<u32>>,
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `isotope audit text|model|verify` on the real model: the JSON contract, corpus
 //! formats, an evidence bundle that verifies (and one that does not), reading mode on
-//! a student directory, and clear errors on bad input.
+//! a student directory and through a served model's prompt log-probs, and clear
+//! errors on bad input.
 
 mod common;
 
@@ -350,5 +351,143 @@ fn black_box_audit_of_a_live_server() {
         .arg(&other));
     assert_ne!(code, 0);
     assert!(stderr.contains("querying the suspect"), "{stderr}");
+
+    // Reading through this server's prompt log-probs: it does not allow `echo` with
+    // `logprobs`, and the audit says so; asking for both kinds at once is refused.
+    let ours = dir.path().join("ours.jsonl");
+    std::fs::write(&ours, watermarked_jsonl(&other, 1)).unwrap();
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "model", "--suspect", &url, "--api-key", &api_key])
+        .arg("--supervised-with")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&other));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("reading through") && stderr.contains("`echo`"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(isotope()
+        .args(["audit", "model", "--suspect", &url])
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--texts")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&other));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not both"), "{stderr}");
+    drop(server);
+}
+
+/// Reading mode through an API (`echo` + `logprobs`) reads exactly what reading the
+/// served GGUF does: the same predictions, hence the same tuples and p-values; an
+/// interrupted reading resumes from the bundle.
+#[test]
+fn reading_through_an_api_equals_reading_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["keys", "create", "--account", "auditor", "--data-dir"])
+        .arg(&data));
+    assert_eq!(code, 0, "{stderr}");
+    let api_key = stdout.lines().last().unwrap().trim().to_owned();
+    let server = common::start(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--allow-echo-logprobs",
+    ]);
+    let url = format!("http://{}", server.addr);
+    let k1 = fixed_key(dir.path(), 1);
+    let ours = dir.path().join("ours.jsonl");
+    std::fs::write(&ours, watermarked_jsonl(&k1, 2)).unwrap();
+    let other = dir.path().join("other.jsonl");
+    let gsm = std::fs::read_to_string(workspace().join("data/gsm8k/test.jsonl")).unwrap();
+    std::fs::write(&other, gsm.lines().take(3).collect::<Vec<_>>().join("\n")).unwrap();
+    let audit = |suspect: &str, bundle: &Path, extra: &[&str]| {
+        let (code, stdout, stderr) = run(isotope()
+            .args(["audit", "model", "--json", "--suspect", suspect])
+            .args(["--api-key", &api_key])
+            .args(extra)
+            .arg("--supervised-with")
+            .arg(&ours)
+            .arg("--texts")
+            .arg(&other)
+            .arg("--watermark-key")
+            .arg(&k1)
+            .arg("--bundle")
+            .arg(bundle));
+        assert_eq!(code, 0, "{stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+        (v, stderr)
+    };
+    let predictions = |bundle: &Path| -> Vec<Value> {
+        ["texts.jsonl", "supervised.jsonl"]
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(bundle.join(f))
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()["predictions"].clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let by_file = dir.path().join("by-file");
+    let (w, _) = audit(&model(), &by_file, &[]);
+    let by_api = dir.path().join("by-api");
+    let (a, _) = audit(&url, &by_api, &[]);
+    assert_eq!(a["mode"], "reading");
+    assert_eq!(a["texts"], 5, "{a}");
+    assert!(a["scored_tokens"].as_u64().unwrap() > 100, "{a}");
+    assert_eq!(a["variants"], w["variants"], "api {a}\nweights {w}");
+    assert_eq!(a["p_value"], w["p_value"]);
+    assert_eq!(predictions(&by_api), predictions(&by_file));
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "verify"])
+        .arg(&by_api)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    // Interrupted after one piece: the rerun reads only the rest, same result.
+    let cache = by_api.join("readings.jsonl");
+    let kept: Vec<String> = std::fs::read_to_string(&cache)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(&cache, kept.join("\n") + "\n").unwrap();
+    let (again, stderr) = audit(&url, &by_api, &[]);
+    assert!(
+        stderr.contains("resuming: 1 pieces read before, 4 to read"),
+        "{stderr}"
+    );
+    assert_eq!(again["variants"], a["variants"]);
+    // In shorter pieces the predictions differ (each piece starts afresh), still valid.
+    let short = dir.path().join("short");
+    let (s, _) = audit(&url, &short, &["--reading-piece", "16"]);
+    assert_ne!(predictions(&short), predictions(&by_api));
+    assert!(s["p_value"].as_f64().unwrap() > 1e-3, "{s}");
+    // The bundle belongs to that suspect: another one is refused.
+    let (code, _, stderr) = run(isotope()
+        .args([
+            "audit",
+            "model",
+            "--suspect",
+            &url,
+            "--suspect-model",
+            "other",
+        ])
+        .args(["--api-key", &api_key])
+        .arg("--texts")
+        .arg(&other)
+        .arg("--watermark-key")
+        .arg(&k1)
+        .arg("--bundle")
+        .arg(&by_api));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("another suspect"), "{stderr}");
     drop(server);
 }

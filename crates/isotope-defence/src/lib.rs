@@ -23,7 +23,9 @@ mod gradient;
 mod load;
 mod vocab;
 
-pub use antidistill::{Antidistill, AntidistillConfig, AntidistillStage, StageStats};
+pub use antidistill::{
+    Antidistill, AntidistillConfig, AntidistillStage, StageStats, DEFAULT_MIN_P,
+};
 pub use error::{DefenceError, Result};
 pub use gradient::{proxy_gradient, GradientReport, ProxyGradient};
 pub use load::{antidistill_for_teacher, load_proxy};

@@ -108,7 +108,7 @@ impl Default for DefenceSettings {
             gradient: None,
             eps: 1e-2,
             top_k: 32,
-            min_p: 0.0,
+            min_p: isotope_defence::DEFAULT_MIN_P,
             no_repeat_ngram: 3,
         }
     }

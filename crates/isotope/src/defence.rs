@@ -50,8 +50,8 @@ pub struct AntidistillArgs {
     #[arg(long, default_value_t = 32)]
     pub antidistill_top_k: usize,
     /// Plausibility α: candidates below α × the most likely one's probability are
-    /// removed too when λ > 0 (0, the default, keeps the whole top-k).
-    #[arg(long, default_value_t = 0.0)]
+    /// removed too when λ > 0 (0 keeps the whole top-k).
+    #[arg(long, default_value_t = isotope_defence::DEFAULT_MIN_P)]
     pub antidistill_min_p: f32,
     /// Never make a token more likely that would repeat an n-gram of this length
     /// already in the answer (0: off).

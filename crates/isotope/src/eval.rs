@@ -49,14 +49,14 @@ struct DefencesArgs {
     #[arg(long)]
     antidistill_grad: PathBuf,
     /// λ values (comma-separated); 0 is the undefended baseline.
-    #[arg(long, value_delimiter = ',', default_value = "0,2,8")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1,4")]
     lambdas: Vec<f32>,
     #[arg(long, default_value_t = 1e-2)]
     antidistill_eps: f64,
     #[arg(long, default_value_t = 32)]
     antidistill_top_k: usize,
     /// Plausibility α of the defence (see `isotope generate --help`).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = isotope_defence::DEFAULT_MIN_P)]
     antidistill_min_p: f32,
     /// n of the defence's no-boosted-repeats guard (0: off).
     #[arg(long, default_value_t = 3)]

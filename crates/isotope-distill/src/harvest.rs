@@ -659,7 +659,8 @@ pub(crate) async fn default_model(
     }
     let err = |m: String| {
         DistillError::Harvest(format!(
-            "finding the model name at {url} ({m}); pass --model"
+            "finding the model name at {url} ({m}); name the model to ask for: `--model`, \
+             or `--suspect-model` in `audit model`"
         ))
     };
     let resp = req.send().await.map_err(|e| err(e.to_string()))?;

@@ -342,6 +342,8 @@ fn model(a: ModelAuditArgs) -> Result<()> {
         "max_tokens": a.max_tokens,
         "texts": a.texts,
         "supervised_with": a.supervised_with,
+        "suspect_model": a.suspect_model,
+        "reading_piece": (is_url && reads).then(|| api_piece(&a)),
     });
     let (mode, evidence) = if is_url && reads {
         if a.prompts.is_some() {
@@ -535,6 +537,14 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     })
 }
 
+/// Tokens per request when reading through an API. The suspect's context is unknown
+/// there: by default the longest pieces a white-box reader uses, so a suspect whose
+/// context is at least that reads exactly as its file would.
+fn api_piece(a: &ModelAuditArgs) -> usize {
+    a.reading_piece
+        .map_or(reading_piece(usize::MAX), |n| n as usize)
+}
+
 /// Reading mode through an API: every text is sent as token ids with `echo` and
 /// `logprobs`, and the suspect's top-1 at each position comes out of its prompt
 /// log-probs (`isotope_distill::echo`). Texts are read in the pieces the white-box
@@ -547,11 +557,7 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     if texts.is_empty() && supervised.is_empty() {
         bail!("no texts to read: check the files (see the skipped lines above)");
     }
-    // The suspect's context is unknown here: read in the longest pieces a white-box
-    // reader uses (a suspect whose context is at least that reads exactly as its file).
-    let piece_len = a
-        .reading_piece
-        .map_or(reading_piece(usize::MAX), |n| n as usize);
+    let piece_len = api_piece(a);
     let map = Arc::new(PieceMap::new(
         (0..s.model.n_vocab() as u32)
             .map(|id| s.model.token_text(id))

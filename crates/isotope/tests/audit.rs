@@ -443,6 +443,11 @@ fn reading_through_an_api_equals_reading_the_weights() {
     assert_eq!(a["variants"], w["variants"], "api {a}\nweights {w}");
     assert_eq!(a["p_value"], w["p_value"]);
     assert_eq!(predictions(&by_api), predictions(&by_file));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(by_api.join("bundle.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["parameters"]["reader"], "api-echo", "{manifest}");
+    assert_eq!(manifest["parameters"]["reading_piece"], 1024, "{manifest}");
     let (code, stdout, stderr) = run(isotope()
         .args(["audit", "verify"])
         .arg(&by_api)

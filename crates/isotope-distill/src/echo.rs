@@ -63,23 +63,6 @@ impl PieceMap {
             None => self.texts.get(id as usize).is_some_and(|t| t == piece),
         }
     }
-
-    /// Tokens the map was built over.
-    pub fn len(&self) -> usize {
-        self.texts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
-
-    /// Ids whose printed piece is shared with another id (their predictions are lost).
-    pub fn ambiguous(&self) -> usize {
-        self.texts
-            .iter()
-            .filter(|t| self.ids.get(*t).is_some_and(Option::is_none))
-            .count()
-    }
 }
 
 /// What one echoed response says about a piece of text.
@@ -312,6 +295,14 @@ mod tests {
         )
     }
 
+    /// Ids whose printed piece is shared with another id.
+    fn ambiguous(m: &PieceMap) -> usize {
+        m.texts
+            .iter()
+            .filter(|t| m.ids.get(*t).is_some_and(Option::is_none))
+            .count()
+    }
+
     fn response(tokens: &[&str], tops: Vec<Value>) -> Value {
         json!({"choices": [{"text": "", "logprobs": {
             "tokens": tokens, "token_logprobs": [], "top_logprobs": tops}}]})
@@ -326,7 +317,7 @@ mod tests {
         assert_eq!(m.id("zz"), None);
         assert_eq!(m.id("token_id:6"), Some(6));
         assert_eq!(m.id("token_id:99"), None);
-        assert_eq!(m.ambiguous(), 2);
+        assert_eq!(ambiguous(&m), 2);
     }
 
     #[test]

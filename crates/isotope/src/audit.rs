@@ -502,6 +502,19 @@ impl Reader {
     }
 }
 
+/// Reading mode's texts, by either reader: (unsupervised, supervised).
+fn reading_texts(s: &Setup, a: &ModelAuditArgs) -> Result<(Vec<EvidenceText>, Vec<EvidenceText>)> {
+    let texts = read_texts(&s.model, &a.texts)?;
+    let supervised = read_texts(&s.model, &a.supervised_with)?;
+    if texts.is_empty() && supervised.is_empty() {
+        if a.texts.is_empty() && a.supervised_with.is_empty() {
+            bail!("reading mode needs texts: pass --supervised-with FILE and/or --texts FILE");
+        }
+        bail!("no texts to read: check the files (see the skipped lines above)");
+    }
+    Ok((texts, supervised))
+}
+
 fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     let reader =
         Reader::load(&a.suspect).with_context(|| format!("loading the suspect {}", a.suspect))?;
@@ -514,11 +527,7 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
             s.model.n_vocab()
         );
     }
-    let mut texts = read_texts(&s.model, &a.texts)?;
-    let mut supervised = read_texts(&s.model, &a.supervised_with)?;
-    if texts.is_empty() && supervised.is_empty() {
-        bail!("reading mode needs texts: pass --supervised-with FILE and/or --texts FILE");
-    }
+    let (mut texts, mut supervised) = reading_texts(s, a)?;
     let bar = ProgressBar::new((texts.len() + supervised.len()) as u64).with_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} texts read by the suspect {elapsed_precise}",
@@ -552,11 +561,7 @@ fn api_piece(a: &ModelAuditArgs) -> usize {
 /// piece's predictions are kept in `readings.jsonl` as they arrive: a rerun resumes.
 fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     use isotope_distill::echo::{EchoClient, EchoConfig, PieceMap};
-    let mut texts = read_texts(&s.model, &a.texts)?;
-    let mut supervised = read_texts(&s.model, &a.supervised_with)?;
-    if texts.is_empty() && supervised.is_empty() {
-        bail!("no texts to read: check the files (see the skipped lines above)");
-    }
+    let (mut texts, mut supervised) = reading_texts(s, a)?;
     let piece_len = api_piece(a);
     let map = Arc::new(PieceMap::new(
         (0..s.model.n_vocab() as u32)

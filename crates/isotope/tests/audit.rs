@@ -277,8 +277,20 @@ fn audit_model_reading_mode_and_bad_input() {
     assert!(stderr.contains("missing.txt"), "{stderr}");
 }
 
-fn serve(data: &Path) -> common::Server {
-    common::start(&["--data-dir", data.to_str().unwrap()])
+/// `isotope serve` on a fresh data directory under `dir` (with `extra` flags), and an
+/// API key for an `auditor` account: (server, base URL, API key).
+fn auditor_server(dir: &Path, extra: &[&str]) -> (common::Server, String, String) {
+    let data = dir.join("data");
+    let (code, stdout, stderr) = run(isotope()
+        .args(["keys", "create", "--account", "auditor", "--data-dir"])
+        .arg(&data));
+    assert_eq!(code, 0, "{stderr}");
+    let api_key = stdout.lines().last().unwrap().trim().to_owned();
+    let mut args = vec!["--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = common::start(&args);
+    let url = format!("http://{}", server.addr);
+    (server, url, api_key)
 }
 
 #[test]
@@ -288,13 +300,7 @@ fn black_box_audit_of_a_live_server() {
     // API key is a clear error.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (code, stdout, stderr) = run(isotope()
-        .args(["keys", "create", "--account", "auditor", "--data-dir"])
-        .arg(&data));
-    assert_eq!(code, 0, "{stderr}");
-    let api_key = stdout.lines().last().unwrap().trim().to_owned();
-    let server = serve(&data);
-    let url = format!("http://{}", server.addr);
+    let (server, url, api_key) = auditor_server(dir.path(), &[]);
     let prompts = workspace().join("data/gsm8k/test.jsonl");
     let other = fixed_key(dir.path(), 7);
     let bundle = dir.path().join("bundle");
@@ -386,18 +392,7 @@ fn black_box_audit_of_a_live_server() {
 #[test]
 fn reading_through_an_api_equals_reading_the_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (code, stdout, stderr) = run(isotope()
-        .args(["keys", "create", "--account", "auditor", "--data-dir"])
-        .arg(&data));
-    assert_eq!(code, 0, "{stderr}");
-    let api_key = stdout.lines().last().unwrap().trim().to_owned();
-    let server = common::start(&[
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--allow-echo-logprobs",
-    ]);
-    let url = format!("http://{}", server.addr);
+    let (server, url, api_key) = auditor_server(dir.path(), &["--allow-echo-logprobs"]);
     let k1 = fixed_key(dir.path(), 1);
     let ours = dir.path().join("ours.jsonl");
     std::fs::write(&ours, watermarked_jsonl(&k1, 2)).unwrap();

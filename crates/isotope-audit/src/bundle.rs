@@ -6,9 +6,10 @@
 //! DIR/prompts.jsonl   prompts given to the suspect (their windows are not scored)
 //! DIR/texts.jsonl     the texts scored: corpus / suspect outputs / texts the suspect
 //!                     read (reading mode, unsupervised variant), with token ids and
-//!                     (reading mode) its top-1 predictions
+//!                     (reading mode) its top-1 predictions and, for the mass
+//!                     statistic, its candidates with log-probabilities
 //! DIR/supervised.jsonl  our outputs the suspect read (reading mode, supervised
-//!                     variant), with its top-1 predictions
+//!                     variant), with its predictions likewise
 //! DIR/tuples.jsonl    every scored tuple: key id, variant, text, position, window,
 //!                     token, keyed value
 //! ```
@@ -201,6 +202,12 @@ pub fn verify(
             Some(_) => {}
         }
     }
+    // The bundle says how its readings were scored (absent: top-1, the only
+    // statistic before the mass one).
+    let scoring = &Scoring {
+        reading: m.result.reading_statistic.unwrap_or_default(),
+        ..scoring.clone()
+    };
     let mut recomputed_tuples = Vec::new();
     let recomputed = score(m.mode, &bundle.evidence, keys, scoring, |t| {
         recomputed_tuples.push(t)
@@ -223,6 +230,7 @@ pub fn verify(
                         && a.variant == b.variant
                         && a.text == b.text
                         && a.position == b.position
+                        && a.weight == b.weight
                         && close(a.value, b.value))
             });
     if !same_tuples {

@@ -26,6 +26,12 @@
 //!   ones the suspect saw watermarked); the unsupervised one is what is left when the
 //!   training data is unknown.
 //!
+//! Reading mode scores either the suspect's top-1 prediction (Sander et al.) or —
+//! isotope's default where the scheme allows it — its **green probability mass**
+//! ([`ReadingStatistic::Mass`], [`isotope_watermark::Detector::tally_reading_mass`]):
+//! every candidate the suspect gives at least 1/128 counts, weighted by its
+//! probability, under the same one-reading-per-window rule and an exact null.
+//!
 //! Several keys: each variant's p-value is Bonferroni-corrected over keys, and the
 //! headline p-value over variants. No HTTP and no llama.cpp here: the caller
 //! tokenizes and, for black-box audits, harvests (`isotope_distill::harvest`).
@@ -87,6 +93,69 @@ pub struct EvidenceText {
     /// Reading mode: the suspect's top-1 after `tokens[..=i]`, one per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictions: Option<Vec<u32>>,
+    /// Reading mode, mass statistic: the suspect's candidates after `tokens[..=i]`
+    /// (top-1 first, then every other with probability ≥
+    /// [`isotope_watermark::MASS_MIN_PROB`], at most the reader's limit) with their
+    /// natural-log probabilities, one list per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top: Option<Vec<Vec<(u32, f32)>>>,
+}
+
+/// Candidates per position a mass reading keeps by default (what vLLM returns at
+/// most through its API by default).
+pub const READING_TOP: usize = 20;
+
+/// How reading mode scores a suspect's predictions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadingStatistic {
+    /// The top-1 prediction's keyed value, one tuple per window (Sander et al. 2024).
+    /// What bundles written before the mass statistic used.
+    #[default]
+    Top1,
+    /// The suspect's probability mass on green candidates, each weighted by
+    /// round(64 q) ([`isotope_watermark::Detector::tally_reading_mass`]): needs a KGW
+    /// scheme with a window seed; much more powerful against a student that learned
+    /// the watermark only faintly.
+    Mass,
+}
+
+impl ReadingStatistic {
+    /// The statistic a reading of `scheme` uses unless told otherwise: the mass where
+    /// the scheme has one.
+    pub fn default_for(scheme: &Scheme) -> Self {
+        if mass_supported(scheme) {
+            ReadingStatistic::Mass
+        } else {
+            ReadingStatistic::Top1
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadingStatistic::Top1 => "top1",
+            ReadingStatistic::Mass => "mass",
+        }
+    }
+}
+
+impl std::str::FromStr for ReadingStatistic {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "top1" => Ok(ReadingStatistic::Top1),
+            "mass" => Ok(ReadingStatistic::Mass),
+            _ => Err(format!(
+                "unknown reading statistic `{s}`: use `mass` or `top1`"
+            )),
+        }
+    }
+}
+
+/// Whether `scheme` has a window-seeded green list, which the mass statistic needs.
+pub fn mass_supported(scheme: &Scheme) -> bool {
+    let key = Arc::new(WatermarkKey::from_bytes([0; 32]));
+    Detector::new(key, scheme.clone(), ExcludedTokens::from(Vec::new())).supports_mass_reading()
 }
 
 /// Everything a result is computed from.
@@ -133,6 +202,10 @@ pub struct AuditResult {
     pub prompts: usize,
     /// Tokens in the scored texts.
     pub tokens: usize,
+    /// Reading mode: how the predictions were scored (absent in bundles written
+    /// before the mass statistic: top-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reading_statistic: Option<ReadingStatistic>,
 }
 
 /// One scored tuple, as a bundle lists them.
@@ -151,6 +224,9 @@ pub struct ScoredTuple {
     pub token: u32,
     /// Its keyed value (green 0/1, Gumbel score, SynthID bits).
     pub value: f64,
+    /// Mass reading: the candidate's integer weight (round(64 q)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
 }
 
 /// How tuples are scored: scheme, control tokens, common-tuples list.
@@ -159,6 +235,8 @@ pub struct Scoring {
     pub scheme: Scheme,
     pub excluded: ExcludedTokens,
     pub common: Option<Arc<CommonTuples>>,
+    /// Reading mode's statistic.
+    pub reading: ReadingStatistic,
 }
 
 impl Scoring {
@@ -229,6 +307,7 @@ pub fn score(
                             window: tokens[pos - h..pos].to_vec(),
                             token: tokens[pos],
                             value,
+                            weight: None,
                         })
                     });
                 }
@@ -239,16 +318,28 @@ pub fn score(
                 ("unsupervised", &evidence.texts),
                 ("supervised", &evidence.supervised),
             ];
+            let mass = scoring.reading == ReadingStatistic::Mass;
+            if mass && !mass_supported(&scoring.scheme) {
+                return Err(AuditError::Input {
+                    origin: scoring.scheme.to_string(),
+                    message: "the mass reading statistic needs a KGW scheme with a window \
+                              seed (seeding=left or min): use the top-1 statistic"
+                        .into(),
+                });
+            }
             for (name, texts) in sets {
                 for (i, t) in texts.iter().enumerate() {
-                    match &t.predictions {
-                        Some(p) if p.len() == t.tokens.len() => {}
-                        _ => {
-                            return Err(AuditError::Bundle(format!(
-                                "{name} text {i} ({}) has no prediction per token",
-                                t.source
-                            )))
-                        }
+                    let complete = if mass {
+                        t.top.as_ref().map(Vec::len)
+                    } else {
+                        t.predictions.as_ref().map(Vec::len)
+                    } == Some(t.tokens.len());
+                    if !complete {
+                        return Err(AuditError::Bundle(format!(
+                            "{name} text {i} ({}) has no {} per token",
+                            t.source,
+                            if mass { "candidate list" } else { "prediction" }
+                        )));
                     }
                 }
             }
@@ -260,8 +351,7 @@ pub fn score(
             for (name, texts) in sets.into_iter().filter(|(_, t)| !t.is_empty()) {
                 run(name, &mut |d, t, emit| {
                     for (i, text) in texts.iter().enumerate() {
-                        let preds = text.predictions.as_deref().unwrap_or_default();
-                        d.tally_reading(t, &text.tokens, preds, |pos, w, c, o| {
+                        let mut scored = |pos: usize, w: &[u32], c, weight, o| {
                             if let PairOutcome::Scored(value) = o {
                                 emit(ScoredTuple {
                                     key_id: String::new(),
@@ -271,9 +361,21 @@ pub fn score(
                                     window: w.to_vec(),
                                     token: c,
                                     value,
+                                    weight,
                                 });
                             }
-                        });
+                        };
+                        if mass {
+                            let top = text.top.as_deref().unwrap_or_default();
+                            d.tally_reading_mass(t, &text.tokens, top, |pos, w, c, weight, o| {
+                                scored(pos, w, c, Some(weight), o)
+                            });
+                        } else {
+                            let preds = text.predictions.as_deref().unwrap_or_default();
+                            d.tally_reading(t, &text.tokens, preds, |pos, w, c, o| {
+                                scored(pos, w, c, None, o)
+                            });
+                        }
                     }
                 });
             }
@@ -301,6 +403,7 @@ pub fn score(
             .chain(&evidence.supervised)
             .map(|t| t.tokens.len())
             .sum(),
+        reading_statistic: (mode == Mode::Reading).then_some(scoring.reading),
         variants,
     })
 }
@@ -312,17 +415,64 @@ pub fn reading_piece(context: usize) -> usize {
     context.clamp(16, 1024)
 }
 
+/// The student's candidates after every prefix of `tokens` for the mass statistic
+/// (entry `i`: after `tokens[..=i]`): the top-1 and every other token with probability
+/// ≥ [`isotope_watermark::MASS_MIN_PROB`], most likely first (ties: lowest id), at
+/// most `limit`, with natural-log probabilities. Read in the pieces
+/// [`top1_predictions`] uses.
+pub fn top_predictions(
+    student: &Student,
+    tokens: &[u32],
+    limit: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    read_rows(student, tokens, |row| candidates(row, limit))
+}
+
+/// `f` of the student's logits after every prefix of `tokens`, read in pieces of
+/// [`reading_piece`].
+fn read_rows<T>(student: &Student, tokens: &[u32], f: impl Fn(&[f32]) -> T) -> Result<Vec<T>> {
+    let chunk = reading_piece(student.config().max_seq_len);
+    let mut out = Vec::with_capacity(tokens.len());
+    for part in tokens.chunks(chunk) {
+        for row in student.logits(part)? {
+            out.push(f(&row));
+        }
+    }
+    Ok(out)
+}
+/// The candidates of one row of logits (see [`top_predictions`]); every reader uses
+/// this, so a GGUF and a student directory list the same way.
+pub fn candidates(logits: &[f32], limit: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // The normaliser the engine's scorer (and so `isotope serve`'s echoed log-probs)
+    // uses, so an API reading lists exactly what reading the file lists.
+    let z = isotope_sampling::log_sum_exp(logits);
+    let floor = z + (isotope_watermark::MASS_MIN_PROB as f32).ln();
+    select_candidates(
+        (logits.iter().enumerate())
+            .filter(|&(_, &x)| x >= floor || x == max)
+            .map(|(t, &x)| (t as u32, x - z))
+            .collect(),
+        limit,
+    )
+}
+
+/// The mass reading's candidates out of `(token, log-probability)` pairs (e.g. an
+/// API's `top_logprobs`): most likely first (ties: lowest id), the top-1 and every
+/// other at or above [`isotope_watermark::MASS_MIN_PROB`], at most `limit`.
+pub fn select_candidates(mut list: Vec<(u32, f32)>, limit: usize) -> Vec<(u32, f32)> {
+    list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    list.dedup_by_key(|c| c.0);
+    let floor = (isotope_watermark::MASS_MIN_PROB as f32).ln();
+    let keep = list.iter().skip(1).take_while(|c| c.1 >= floor).count() + 1;
+    list.truncate(keep.min(limit.max(1)));
+    list
+}
+
 /// The student's top-1 prediction after every prefix of `tokens` (entry `i`: after
 /// `tokens[..=i]`). Texts longer than the student's context are read in consecutive
 /// chunks of [`reading_piece`] (a prediction then sees only its chunk — still a
 /// function of the text read so far, which is all the reading-mode null needs).
 pub fn top1_predictions(student: &Student, tokens: &[u32]) -> Result<Vec<u32>> {
-    let chunk = reading_piece(student.config().max_seq_len);
-    let mut out = Vec::with_capacity(tokens.len());
-    for part in tokens.chunks(chunk) {
-        for row in student.logits(part)? {
-            out.push(isotope_distill::argmax(&row));
-        }
-    }
-    Ok(out)
+    read_rows(student, tokens, isotope_distill::argmax)
 }

@@ -12,7 +12,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use isotope_audit::bundle::{self, KeyCommitment, Manifest};
-use isotope_audit::{score, top1_predictions, Evidence, EvidenceText, Mode, Scoring};
+use isotope_audit::{
+    score, top1_predictions, top_predictions, Evidence, EvidenceText, Mode, ReadingStatistic,
+    Scoring, READING_TOP,
+};
 use isotope_distill::{
     parse_jsonl, DType, DataOptions, Device, Student, StudentConfig, TrainConfig,
 };
@@ -36,8 +39,13 @@ fn model() -> &'static Model {
 }
 
 fn scoring(scheme: &str) -> Scoring {
+    scoring_with(scheme, ReadingStatistic::Top1)
+}
+
+fn scoring_with(scheme: &str, reading: ReadingStatistic) -> Scoring {
     let m = model();
     Scoring {
+        reading,
         scheme: scheme.parse::<Scheme>().unwrap(),
         excluded: m.control_mask().into(),
         common: Some(Arc::new(isotope_eval::shipped_common_tuples(m).unwrap())),
@@ -161,6 +169,7 @@ fn texts(seqs: &[Vec<u32>]) -> Vec<EvidenceText> {
             text: model().detokenize(t),
             tokens: t.clone(),
             predictions: None,
+            top: None,
         })
         .collect()
 }
@@ -194,6 +203,7 @@ fn audit_text_is_valid_on_human_text_and_finds_watermarked_output() {
                     text: t.text.clone(),
                     tokens: m.tokenize(&t.text, false, false),
                     predictions: None,
+                    top: None,
                 })
                 .collect(),
             ..Evidence::default()
@@ -295,7 +305,8 @@ fn train_student(
     (student, data.tokens() * epochs)
 }
 
-/// What `student` reads in reading mode, with its top-1 predictions: our watermarked
+/// What `student` reads in reading mode, with its top-1 predictions and its candidates
+/// for the mass statistic: our watermarked
 /// answers (`ours`, the supervised variant) and other texts (`unseen`, the
 /// unsupervised one).
 fn fed(student: &Student, ours: &[Vec<u32>], unseen: &[Vec<u32>]) -> Evidence {
@@ -303,6 +314,7 @@ fn fed(student: &Student, ours: &[Vec<u32>], unseen: &[Vec<u32>]) -> Evidence {
         let mut t = texts(seqs);
         for x in &mut t {
             x.predictions = Some(top1_predictions(student, &x.tokens).unwrap());
+            x.top = Some(top_predictions(student, &x.tokens, READING_TOP).unwrap());
         }
         t
     };
@@ -320,12 +332,13 @@ fn reading(
     ours: &[Vec<u32>],
     unseen: &[Vec<u32>],
     keys: &[Arc<WatermarkKey>],
+    statistic: ReadingStatistic,
 ) -> isotope_audit::AuditResult {
     score(
         Mode::Reading,
         &fed(student, ours, unseen),
         keys,
-        &scoring(SCHEME),
+        &scoring_with(SCHEME, statistic),
         |_| {},
     )
     .unwrap()
@@ -353,8 +366,34 @@ fn reading_mode_does_not_flag_innocent_students_and_reports_power() {
     let epochs = 4;
     let (marked, tokens) = train_student(&a.prompts, &a.marked, epochs, &dir.path().join("m"));
     let (control, _) = train_student(&a.prompts, &a.plain, epochs, &dir.path().join("c"));
-    let rm = reading(&marked, &a.marked, &a.plain, &[key(1)]);
-    let rc = reading(&control, &a.marked, &a.plain, &[key(1)]);
+    let rm = reading(
+        &marked,
+        &a.marked,
+        &a.plain,
+        &[key(1)],
+        ReadingStatistic::Top1,
+    );
+    let rc = reading(
+        &control,
+        &a.marked,
+        &a.plain,
+        &[key(1)],
+        ReadingStatistic::Top1,
+    );
+    let rm_mass = reading(
+        &marked,
+        &a.marked,
+        &a.plain,
+        &[key(1)],
+        ReadingStatistic::Mass,
+    );
+    let rc_mass = reading(
+        &control,
+        &a.marked,
+        &a.plain,
+        &[key(1)],
+        ReadingStatistic::Mass,
+    );
     let sup = |r: &isotope_audit::AuditResult| {
         r.variants
             .iter()
@@ -371,31 +410,53 @@ fn reading_mode_does_not_flag_innocent_students_and_reports_power() {
         sup(&rc).p_value,
         sup(&rc).per_key[0].scored_tokens,
     );
-    assert!(sup(&rm).per_key[0].scored_tokens > 500);
-    assert!(
-        rc.p_value > 1e-3,
-        "control student flagged: p = {}",
-        rc.p_value
+    eprintln!(
+        "mass statistic: watermarked student p = {:.3e} (supervised, {} pairs), {:.3e} \
+         (unsupervised); control p = {:.3e}",
+        sup(&rm_mass).p_value,
+        sup(&rm_mass).per_key[0].scored_tokens,
+        rm_mass.variants[0].p_value,
+        rc_mass.p_value,
     );
+    assert!(sup(&rm).per_key[0].scored_tokens > 500);
+    assert!(sup(&rm_mass).per_key[0].scored_tokens > sup(&rm).per_key[0].scored_tokens);
+    for (name, r) in [("top-1", &rc), ("mass", &rc_mass)] {
+        assert!(
+            r.p_value > 1e-3,
+            "control student flagged ({name}): p = {}",
+            r.p_value
+        );
+    }
     // Under other keys the watermarked student is just another innocent model: its
     // supervised and unsupervised p-values under 100 random keys are consistent with
     // U(0, 1) — one-sided KS in the direction that would make the audit invalid
     // (p-values too small), and no more small ones than chance allows.
     let evidence = fed(&marked, &a.marked, &a.plain);
-    let (mut sup_p, mut unsup_p) = (Vec::new(), Vec::new());
+    let mut p: [Vec<f64>; 4] = Default::default();
     for k in 100..200u8 {
-        let r = score(
-            Mode::Reading,
-            &evidence,
-            &[key(k)],
-            &scoring(SCHEME),
-            |_| {},
-        )
-        .unwrap();
-        sup_p.push(sup(&r).p_value);
-        unsup_p.push(r.variants[0].p_value);
+        for (i, stat) in [ReadingStatistic::Top1, ReadingStatistic::Mass]
+            .into_iter()
+            .enumerate()
+        {
+            let r = score(
+                Mode::Reading,
+                &evidence,
+                &[key(k)],
+                &scoring_with(SCHEME, stat),
+                |_| {},
+            )
+            .unwrap();
+            p[2 * i].push(sup(&r).p_value);
+            p[2 * i + 1].push(r.variants[0].p_value);
+        }
     }
-    for (name, p) in [("supervised", &sup_p), ("unsupervised", &unsup_p)] {
+    let names = [
+        "supervised",
+        "unsupervised",
+        "mass, supervised",
+        "mass, unsupervised",
+    ];
+    for (name, p) in names.into_iter().zip(&p) {
         let (d, ks_p) = isotope_eval::calibration::ks_plus(p);
         let small = p.iter().filter(|&&x| x < 0.01).count();
         eprintln!("watermarked student under 100 other keys, {name}: KS D+ = {d:.3}, p = {ks_p:.3}; {small} below 0.01");

@@ -71,6 +71,10 @@ pub struct EchoReading {
     /// Entry `i`: the model's top-1 after `piece[..=i]`; `None` when the API's top
     /// piece does not name one id.
     pub predictions: Vec<Option<u32>>,
+    /// Entry `i`: every entry of the API's top list after `piece[..=i]` that names one
+    /// id, with its natural-log probability (the mass reading's candidates), in the
+    /// order printed.
+    pub top: Vec<Vec<(u32, f32)>>,
     /// Tokens the API prepended to the prompt (e.g. a BOS): 0 or 1.
     pub offset: usize,
 }
@@ -135,10 +139,24 @@ pub fn parse_echo(
     let predictions = (0..piece.len())
         .map(|i| top1(&tops[offset + i + 1], map))
         .collect();
+    let top = (0..piece.len())
+        .map(|i| listed(&tops[offset + i + 1], map))
+        .collect();
     Ok(EchoReading {
         predictions,
+        top,
         offset,
     })
+}
+
+/// Every entry of one `top_logprobs` object that names one id, with its log-prob.
+fn listed(entry: &Value, map: &PieceMap) -> Vec<(u32, f32)> {
+    let Some(obj) = entry.as_object() else {
+        return Vec::new();
+    };
+    obj.iter()
+        .filter_map(|(p, v)| Some((map.id(p)?, v.as_f64()? as f32)))
+        .collect()
 }
 
 /// The id of the most likely entry of one `top_logprobs` object (ties: the lowest id,
@@ -229,14 +247,15 @@ impl EchoClient {
         &self.model
     }
 
-    /// The suspect's top-1 after every prefix of `piece`, one request.
-    pub async fn read(&self, piece: &[u32], map: &PieceMap) -> Result<EchoReading> {
+    /// The suspect's top-1 (and its `logprobs` most likely tokens) after every prefix
+    /// of `piece`, one request.
+    pub async fn read(&self, piece: &[u32], map: &PieceMap, logprobs: u32) -> Result<EchoReading> {
         let prompt: Vec<u32> = piece.iter().copied().chain([FILLER]).collect();
         let body = json!({
             "model": self.model,
             "prompt": prompt,
             "echo": true,
-            "logprobs": 1,
+            "logprobs": logprobs.max(1),
             "max_tokens": 1,
             "temperature": 0,
         });
@@ -339,6 +358,12 @@ mod tests {
         .unwrap();
         assert_eq!(r.offset, 0);
         assert_eq!(r.predictions, [Some(2), Some(4), None]);
+        // the candidates: every listed entry that names one id, with its log-prob
+        let mut second = r.top[1].clone();
+        second.sort_by_key(|c| c.0);
+        assert_eq!(r.top[0], [(2, -0.1)]);
+        assert_eq!(second, [(4, -0.5), (7, -1.0)]);
+        assert!(r.top[2].is_empty());
     }
 
     #[test]

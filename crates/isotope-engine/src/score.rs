@@ -72,18 +72,36 @@ impl Model {
         chunk: usize,
         threads: Option<usize>,
     ) -> Result<Vec<TokenId>, EngineError> {
-        let chunk = chunk.clamp(1, (self.n_ctx_train() as usize).saturating_sub(1).max(1));
         let mut out = Vec::with_capacity(tokens.len());
+        // One token more per piece, so that the last position's logits (the
+        // prediction after the piece) come out of `score_with`; the extra token itself
+        // is never read. top_n's tie rule (lowest id) is the one `score`'s
+        // alternatives use.
+        self.read_pieces(tokens, chunk, threads, |logits| {
+            out.push(top_n(logits, 1)[0])
+        })?;
+        Ok(out)
+    }
+
+    /// `f(logits)` for the distribution after every prefix `tokens[..=k]`, `k` in
+    /// `0..tokens.len()`, read in independent pieces of `chunk` tokens exactly as
+    /// [`Model::top1_predictions`] reads them — for readers that need more of each
+    /// distribution than its top-1 (the mass reading's candidates).
+    pub fn read_pieces(
+        &self,
+        tokens: &[TokenId],
+        chunk: usize,
+        threads: Option<usize>,
+        mut f: impl FnMut(&[f32]),
+    ) -> Result<(), EngineError> {
+        let chunk = chunk.clamp(1, (self.n_ctx_train() as usize).saturating_sub(1).max(1));
         for part in tokens.chunks(chunk) {
-            // One token more, so that the last position's logits (the prediction after
-            // the piece) come out of `score_with`; the extra token itself is never read.
             let mut fed = Vec::with_capacity(part.len() + 1);
             fed.extend_from_slice(part);
             fed.push(0);
-            // top_n's tie rule (lowest id) is the one `score`'s alternatives use
-            self.score_with(&fed, threads, |_, logits| out.push(top_n(logits, 1)[0]))?;
+            self.score_with(&fed, threads, |_, logits| f(logits))?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One teacher-forced pass: `f(k, logits)` for `k` in `0..tokens.len() - 1`, in

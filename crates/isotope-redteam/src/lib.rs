@@ -38,7 +38,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use isotope_audit::{score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, Scoring};
+use isotope_audit::{
+    score, top1_predictions, top_predictions, AuditResult, Evidence, EvidenceText, Mode,
+    ReadingStatistic, Scoring, READING_TOP,
+};
 use isotope_distill::{
     chatml_prompt, load_jsonl, read_train_log, train, DType, DataOptions, Device, HarvestConfig,
     HarvestProgress, HarvestRecord, Prompt, Student, StudentConfig, StudentTokenizer, TrainConfig,
@@ -740,6 +743,7 @@ fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
         source,
         text,
         predictions: None,
+        top: None,
     }
 }
 
@@ -756,7 +760,13 @@ fn reading_audit(
     let read = |texts: &[EvidenceText]| -> Result<Vec<EvidenceText>> {
         let mut texts = texts.to_vec();
         for t in &mut texts {
-            t.predictions = Some(top1_predictions(student, &t.tokens)?);
+            if scoring.reading == ReadingStatistic::Mass {
+                let top = top_predictions(student, &t.tokens, READING_TOP)?;
+                t.predictions = Some(top.iter().map(|c| c[0].0).collect());
+                t.top = Some(top);
+            } else {
+                t.predictions = Some(top1_predictions(student, &t.tokens)?);
+            }
         }
         Ok(texts)
     };

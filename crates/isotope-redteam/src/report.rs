@@ -294,7 +294,7 @@ pub fn render_html(r: &Report) -> String {
             &m.student,
         ));
     }
-    for (name, what, tokens, s) in rows {
+    for (name, what, tokens, s) in &rows {
         let v = |n: &str| {
             s.reading
                 .variants
@@ -306,8 +306,8 @@ pub fn render_html(r: &Report) -> String {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><b>{}</b></td><td><b>{}</b></td><td>{}</td></tr>",
-            esc(&name),
-            esc(&what),
+            esc(name),
+            esc(what),
             tokens,
             v("unsupervised"),
             v("supervised"),
@@ -317,18 +317,30 @@ pub fn render_html(r: &Report) -> String {
         );
     }
     h.push_str("</table>");
+    let mass = rows.iter().any(|(_, _, _, s)| {
+        s.reading.reading_statistic == Some(isotope_audit::ReadingStatistic::Mass)
+    });
+    let what = if mass {
+        "the student's probability on green candidates at each position of a text it reads \
+         (each candidate it gives at least 1/128 counts with weight round(64 q)), green \
+         taken from the watermark window of that text, each distinct window counted once \
+         (an exact weighted-binomial null)"
+    } else {
+        "the student's top-1 prediction at each position of a text it reads, scored \
+         against the watermark window of that text, one tuple per distinct window"
+    };
     let _ = write!(
         h,
-        "<p class=\"note\">Reading mode: the student's top-1 prediction at each position of \
-         a text it reads, scored against the watermark window of that text, one tuple per \
-         distinct window. <i>Supervised</i>: it reads the harvest (the answers it may have \
+        "<p class=\"note\">Reading mode: {what}. <i>Supervised</i>: it reads the harvest (the answers it may have \
          trained on). <i>Unsupervised</i>: it reads new answers of the watermarked teacher \
          to the held-out prompts, which no student trained on — the test when the training \
          data is not known. <i>Corrected</i>: the smaller p of the two, × 2. \
          <i>Black-box</i>: the student answers {} held-out prompts (up to {} tokens each, \
          sampled at temperature {}), scored one tuple per distinct (window, token) with the \
          prompts' windows excluded.</p>",
-        r.config.heldout_prompts, r.config.heldout_max_tokens, r.config.audit_temperature
+        r.config.heldout_prompts,
+        r.config.heldout_max_tokens,
+        r.config.audit_temperature
     );
 
     // p-value vs tokens.

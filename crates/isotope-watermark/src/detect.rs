@@ -165,6 +165,29 @@ pub enum PairOutcome {
 /// suspect and the text, never on the key, so the null stays exact.
 pub const NO_PREDICTION: u32 = u32::MAX;
 
+/// The integer weight [`Detector::tally_reading_mass`] gives a candidate the suspect
+/// predicts with natural-log probability `logprob`: round([`MASS_LEVELS`] · q).
+/// Candidates below [`MASS_MIN_PROB`] get 0.
+pub fn mass_weight(logprob: f32) -> u8 {
+    let q = f64::from(logprob).exp();
+    let levels = f64::from(MASS_LEVELS);
+    if q.is_finite() {
+        (q * levels).round().clamp(0.0, levels) as u8
+    } else {
+        0
+    }
+}
+
+/// The mass statistic's resolution: a candidate of probability q weighs
+/// round(MASS_LEVELS · q). Integer weights keep the null an exact weighted binomial
+/// tail; 64 levels count candidates down to 1/128, which measured better than 16
+/// (down to 1/32) on the red-team students (25% mixture: 10^-5.6 against 10^-4.8).
+pub const MASS_LEVELS: u8 = 64;
+
+/// The smallest probability [`mass_weight`] counts (weight 1): readers list the
+/// candidates at or above it.
+pub const MASS_MIN_PROB: f64 = 0.5 / MASS_LEVELS as f64;
+
 /// Which positions of a text are scored, and with what integer weight.
 #[derive(Clone, Copy)]
 enum Positions<'a> {
@@ -396,10 +419,11 @@ impl Detector {
     /// exactly γ′ (Exp(1) for Gumbel, Binomial(m, ½) bits for SynthID), independently
     /// across seeds — the same tails as [`Detector::finish`]. Scoring (window, token)
     /// tuples instead of one per window would not be exact: two candidates after the
-    /// same window would share the reading of the fed text's next token. And there is
-    /// no exact null for the suspect's *probability mass* on green tokens, which is
-    /// why only the top-1 prediction is scored. Unigram has one seed for every window,
-    /// so a reading tally scores at most one tuple under it.
+    /// same window would share the reading of the fed text's next token. A z-test on
+    /// the suspect's real-valued *probability mass* on green tokens would only be
+    /// approximate; [`Detector::tally_reading_mass`] scores that mass exactly, with
+    /// integer weights. Unigram has one seed for every window, so a reading tally
+    /// scores at most one tuple under it.
     pub fn tally_reading(
         &self,
         tally: &mut Tally,
@@ -414,6 +438,100 @@ impl Detector {
             let candidate = predictions[pos - 1];
             let outcome = self.tally_pair(tally, window, candidate);
             on_pair(pos, window, candidate, outcome);
+        }
+    }
+
+    /// Whether [`Detector::tally_reading_mass`] can score this scheme: KGW with a
+    /// window seed (LeftHash or MinHash), whose green bits for different candidates
+    /// after one seed are distinct keyed words — independent Bernoulli(γ′) trials.
+    /// (SelfHash gives each candidate its own seed, Unigram has one seed for every
+    /// window, Gumbel and SynthID have no green list.)
+    pub fn supports_mass_reading(&self) -> bool {
+        matches!(
+            self.scheme,
+            Scheme::Kgw {
+                seeding: Seeding::Left | Seeding::Min,
+                ..
+            }
+        )
+    }
+
+    /// Reading mode scored by the suspect's **green probability mass** instead of
+    /// its top-1 alone: at a window's first reading, every candidate `v` the suspect
+    /// gives probability `q` counts with the integer weight [`mass_weight`]`(q)` =
+    /// round(64 q) (so candidates under 1/128 count for nothing) — except the top-1,
+    /// which always counts at least 1, so that a model too unsure for any weight
+    /// (e.g. barely trained) is still read as the top-1 test reads it — and the
+    /// statistic is `Σ weight · green`. `top[i]` lists the suspect's candidates after
+    /// `tokens[..=i]`, most likely first, with their natural-log probabilities (what
+    /// is not listed has weight 0); `on_pair(p, window, candidate, weight, outcome)`
+    /// is called for every listed candidate of every position.
+    ///
+    /// **Why the p-value is exact.** The argument of [`Detector::tally_reading`] shows
+    /// that, at a seed's first reading and conditionally on everything tallied
+    /// before, the seed's keyed words are fresh; the suspect's distribution there
+    /// depends only on the text before the window, so the weights are fixed before
+    /// those words are drawn. Under a window seed, different candidates read
+    /// different words, so their green bits are independent Bernoulli(γ′) trials, and
+    /// `Σ weight · green` has exactly the null of a weighted sum of binomials — the
+    /// tail [`Detector::finish`] computes for weighted tallies
+    /// ([`crate::weighted::ln_weighted_binomial_sf`]). (A z-test on the real-valued
+    /// mass would only be approximate; quantised weights keep the tail exact.)
+    ///
+    /// **Why it is more powerful.** A student that learned the watermark shifts some
+    /// probability towards green candidates at every window it learned, but its
+    /// top-1 changes only where two candidates were nearly tied; the mass sees the
+    /// shift everywhere. On the session-14 red-team students (KGW h = 1, 6,164
+    /// windows), the 100% student reads 1e-42 by mass against 1e-14 by top-1, and
+    /// the 25% mixture 3e-5 against 0.35.
+    ///
+    /// Control tokens and common tuples count for nothing; a candidate listed twice
+    /// is scored once; [`NO_PREDICTION`] entries are skipped. Panics (debug) unless the
+    /// scheme [supports](Detector::supports_mass_reading) it.
+    pub fn tally_reading_mass(
+        &self,
+        tally: &mut Tally,
+        tokens: &[u32],
+        top: &[Vec<(u32, f32)>],
+        mut on_pair: impl FnMut(usize, &[u32], u32, u8, PairOutcome),
+    ) {
+        debug_assert!(self.supports_mass_reading());
+        let h = self.scheme.context();
+        let end = tokens.len().min(top.len());
+        let mut done: Vec<u32> = Vec::new();
+        for pos in h.max(1)..=end {
+            let window = &tokens[pos - h..pos];
+            let mut prf = WindowPrf::new(&self.scheme, &self.key, window);
+            let fresh = tally.windows.insert(prf.id());
+            done.clear();
+            for (rank, &(candidate, logprob)) in top[pos - 1].iter().enumerate() {
+                let weight = if rank == 0 {
+                    mass_weight(logprob).max(1)
+                } else {
+                    mass_weight(logprob)
+                };
+                let outcome = if !fresh {
+                    PairOutcome::RepeatedWindow
+                } else if candidate == NO_PREDICTION || weight == 0 || done.contains(&candidate) {
+                    PairOutcome::NoPrediction
+                } else if (self.excluded.get(candidate as usize))
+                    .copied()
+                    .unwrap_or(false)
+                {
+                    PairOutcome::Control
+                } else if self.is_common(&prf, window, candidate) {
+                    tally.common += 1;
+                    PairOutcome::Common
+                } else {
+                    let v = self.value(&mut prf, window, candidate);
+                    tally.add(weight, v);
+                    PairOutcome::Scored(v)
+                };
+                if candidate != NO_PREDICTION {
+                    done.push(candidate);
+                }
+                on_pair(pos, window, candidate, weight, outcome);
+            }
         }
     }
 

@@ -26,8 +26,9 @@ pub mod weighted;
 
 pub use common::{CommonMeta, CommonTuples, CommonTuplesBuilder, CommonTuplesError, TupleShape};
 pub use detect::{
-    detect_multi_key, detect_multi_key_weighted, Detection, Detector, MultiKeyDetection,
-    PairOutcome, Tally, WeightedStatistic, WindowedDetection, NO_PREDICTION,
+    detect_multi_key, detect_multi_key_weighted, mass_weight, Detection, Detector,
+    MultiKeyDetection, PairOutcome, Tally, WeightedStatistic, WindowedDetection, MASS_LEVELS,
+    MASS_MIN_PROB, NO_PREDICTION,
 };
 pub use entropy::{EntropyMeasure, EntropyRule, EntropyRuleError, WEIGHT_LEVELS};
 pub use hook::{ExcludedTokens, WatermarkHook};

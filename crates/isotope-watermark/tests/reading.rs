@@ -8,7 +8,7 @@ use std::sync::Arc;
 use isotope_sampling::{Sampler, SamplingParams, StepContext};
 use isotope_watermark::{
     stats, Detector, ExcludedTokens, PairOutcome, Scheme, Tally, WatermarkHook, WatermarkKey,
-    NO_PREDICTION,
+    MASS_MIN_PROB, NO_PREDICTION,
 };
 
 const VOCAB: usize = 2000;
@@ -176,6 +176,154 @@ fn reading_mode_flags_a_suspect_that_absorbed_the_watermark() {
     // Another key does not see it.
     let (p_other, _) = reading_p(&key(201), &texts, green_bias);
     assert!(p_other > 1e-3, "p under another key = {p_other}");
+}
+
+/// A suspect's candidates after `ctx` as the readers list them: every token with
+/// probability at least [`MASS_MIN_PROB`], most likely first, natural-log
+/// probabilities.
+fn candidates(l: &[f32]) -> Vec<(u32, f32)> {
+    let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let z = l.iter().map(|x| (x - m).exp()).sum::<f32>().ln() + m;
+    let mut c = (0..l.len() as u32)
+        .map(|t| (t, l[t as usize] - z))
+        .filter(|&(_, lp)| f64::from(lp).exp() >= MASS_MIN_PROB)
+        .collect::<Vec<_>>();
+    c.sort_by(|a, b| b.1.total_cmp(&a.1));
+    c
+}
+
+fn mass_p(
+    k: &Arc<WatermarkKey>,
+    texts: &[Vec<u32>],
+    suspect: impl Fn(&[u32]) -> Vec<f32>,
+) -> (f64, u64) {
+    let d = Detector::new(k.clone(), scheme(), no_exclusions());
+    assert!(d.supports_mass_reading());
+    let mut t = Tally::default();
+    for text in texts {
+        let top: Vec<_> = (1..=text.len())
+            .map(|i| candidates(&suspect(&text[..i])))
+            .collect();
+        d.tally_reading_mass(&mut t, text, &top, |_, _, _, _, _| {});
+    }
+    let r = d.finish(&t);
+    (r.p_value, r.scored_tokens)
+}
+
+/// The synthetic model with `bias` added to the green logits of key `k` after the
+/// last token: what a student that absorbed the watermark to some degree predicts.
+fn tilted(k: &Arc<WatermarkKey>, bias: f32) -> impl Fn(&[u32]) -> Vec<f32> {
+    let d = Detector::new(k.clone(), scheme(), no_exclusions());
+    move |ctx: &[u32]| {
+        let mut l = logits(ctx);
+        let w = ctx[ctx.len() - 1];
+        for (t, x) in l.iter_mut().enumerate() {
+            if d.detect(&[w, t as u32]).statistic > 0.5 {
+                *x += bias;
+            }
+        }
+        l
+    }
+}
+
+#[test]
+fn mass_reading_is_exact_for_a_clean_suspect_reading_watermarked_text() {
+    // As for the top-1 reading: the clean suspect is the unwatermarked generator
+    // itself, so its mass sits on the very tokens the watermark moved.
+    let mut p = Vec::new();
+    for i in 0..150u8 {
+        let k = key(i);
+        let texts = marked(&k, 3, 120);
+        let (pv, n) = mass_p(&k, &texts, logits);
+        assert!(n > 100, "{n} tuples");
+        p.push(pv);
+    }
+    assert!(fpr_ok(&p, 0.05));
+    assert!(fpr_ok(&p, 0.01));
+    assert!(fpr_ok(&p, 0.1));
+    let (d, ks_p) = stats::ks_uniform(&p);
+    eprintln!("mass reading, clean suspect: KS D={d:.3} p={ks_p:.3}");
+}
+
+#[test]
+fn mass_reading_sees_a_faint_watermark_that_top1_misses() {
+    // A suspect that absorbed a little of the watermark (bias 0.2 on green logits,
+    // a tenth of the teacher's δ): its top-1 rarely changes, its mass does.
+    let k = key(210);
+    let texts = marked(&k, 4, 150);
+    let suspect = tilted(&k, 0.2);
+    let (p_mass, n) = mass_p(&k, &texts, &suspect);
+    let (p_top1, n1) = reading_p(&k, &texts, |ctx| argmax(&suspect(ctx)));
+    eprintln!("faint watermark: mass p={p_mass:.3e} ({n} pairs), top-1 p={p_top1:.3e} ({n1})");
+    assert!(p_mass < 1e-4, "mass p = {p_mass}");
+    assert!(p_mass < p_top1 * 1e-2, "mass {p_mass} vs top-1 {p_top1}");
+    // Another key does not see it.
+    let (p_other, _) = mass_p(&key(211), &texts, &suspect);
+    assert!(p_other > 1e-3, "p under another key = {p_other}");
+}
+
+#[test]
+fn mass_reading_spends_each_window_once_and_weighs_by_probability() {
+    let k = key(212);
+    let d = Detector::new(k.clone(), scheme(), no_exclusions());
+    let mut t = Tally::default();
+    let lp = |q: f32| q.ln();
+    // Position 1 reads window [5] with no candidates listed (spent all the same);
+    // position 2 reads window [6]: weights 32 (q ½), 16 (¼), 0 (1/256: not scored), and
+    // a repeated candidate and NO_PREDICTION are not scored either; position 3's
+    // window [5] is spent.
+    let top = vec![
+        vec![],
+        vec![
+            (3, lp(0.5)),
+            (4, lp(0.25)),
+            (3, lp(0.5)),
+            (9, lp(1.0 / 256.0)),
+            (NO_PREDICTION, 0.0),
+        ],
+        vec![(3, lp(0.9))],
+    ];
+    let mut seen = Vec::new();
+    d.tally_reading_mass(&mut t, &[5, 6, 5], &top, |pos, w, c, weight, o| {
+        seen.push((
+            pos,
+            w.to_vec(),
+            c,
+            weight,
+            matches!(o, PairOutcome::Scored(_)),
+        ))
+    });
+    let scored: Vec<_> = seen
+        .iter()
+        .filter(|s| s.4)
+        .map(|s| (s.0, s.2, s.3))
+        .collect();
+    assert_eq!(scored, vec![(2, 3, 32), (2, 4, 16)]);
+    assert_eq!(t.scored(), 2);
+    assert_eq!(isotope_watermark::mass_weight(lp(1.0)), 64);
+    assert_eq!(isotope_watermark::mass_weight(lp(1.0 / 160.0)), 0);
+    assert_eq!(isotope_watermark::mass_weight(lp(1.0 / 100.0)), 1);
+    assert_eq!(isotope_watermark::mass_weight(f32::NEG_INFINITY), 0);
+    // The top-1 counts at least 1 however unsure the suspect is.
+    let mut t = Tally::default();
+    let flat = vec![vec![], vec![(7, lp(1.0 / 500.0)), (8, lp(1.0 / 600.0))]];
+    let mut weights = Vec::new();
+    d.tally_reading_mass(&mut t, &[40, 41], &flat, |_, _, c, w, o| {
+        if matches!(o, PairOutcome::Scored(_)) {
+            weights.push((c, w));
+        }
+    });
+    assert_eq!(weights, [(7, 1)]);
+    // Not for schemes without a window-seeded green list.
+    for s in [
+        "kgw:h=1,seeding=self",
+        "unigram",
+        "gumbel:h=1",
+        "synthid:h=1",
+    ] {
+        let d = Detector::new(k.clone(), s.parse().unwrap(), no_exclusions());
+        assert!(!d.supports_mass_reading(), "{s}");
+    }
 }
 
 #[test]

@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use isotope_audit::bundle::{self, KeyCommitment, Manifest};
 use isotope_audit::corpus::read_corpus;
 use isotope_audit::{
-    reading_piece, score, top1_predictions, AuditResult, Evidence, EvidenceText, Mode, ScoredTuple,
-    Scoring,
+    candidates, reading_piece, score, select_candidates, top1_predictions, top_predictions,
+    AuditResult, Evidence, EvidenceText, Mode, ReadingStatistic, ScoredTuple, Scoring,
 };
 use isotope_distill::{Device, HarvestConfig, Student};
 use isotope_engine::{LoadOptions, Model};
@@ -120,6 +120,18 @@ struct ModelAuditArgs {
     /// context is at least that). Lower it for a suspect with a shorter context.
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
     reading_piece: Option<u32>,
+    /// Reading mode's statistic: `mass` (the suspect's probability on green
+    /// candidates, each weighted by its probability — far more powerful against a
+    /// student that learned the watermark faintly; KGW with seeding=left or min) or
+    /// `top1` (its top-1 prediction only, Sander et al. 2024). Default: mass where
+    /// the scheme allows it, else top1.
+    #[arg(long)]
+    reading_statistic: Option<ReadingStatistic>,
+    /// Mass reading: at most this many candidates per position (those the suspect
+    /// gives at least 1/128); through an API, the `logprobs` asked for (OpenAI's own
+    /// completions endpoint allows 5, vLLM 20 by default).
+    #[arg(long, default_value_t = isotope_audit::READING_TOP as u32, value_parser = clap::value_parser!(u32).range(1..=32))]
+    reading_top: u32,
     /// Write an evidence bundle into DIR (an API suspect's outputs or predictions are
     /// written there as they arrive, so an interrupted audit resumes).
     #[arg(long)]
@@ -167,6 +179,7 @@ fn setup(k: &KeyArgs) -> Result<Setup> {
     .with_context(|| format!("loading the tokenizer of {}", k.model.model.display()))?;
     let common = common_list(&model, k.common_tuples.as_deref(), k.no_common_filter)?;
     let scoring = Scoring {
+        reading: ReadingStatistic::default_for(&scheme),
         scheme,
         excluded: excluded(&model),
         common,
@@ -184,6 +197,7 @@ fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
         source,
         text,
         predictions: None,
+        top: None,
     }
 }
 
@@ -334,6 +348,23 @@ fn model(a: ModelAuditArgs) -> Result<()> {
     }
     let is_url = a.suspect.starts_with("http://") || a.suspect.starts_with("https://");
     let reads = !a.texts.is_empty() || !a.supervised_with.is_empty();
+    let statistic = match a.reading_statistic {
+        Some(ReadingStatistic::Mass) if !isotope_audit::mass_supported(&s.scoring.scheme) => bail!(
+            "--reading-statistic mass needs a KGW scheme with a window seed (seeding=left or \
+             min), not {}: use --reading-statistic top1",
+            s.scoring.scheme
+        ),
+        Some(r) => r,
+        None => ReadingStatistic::default_for(&s.scoring.scheme),
+    };
+    let s = Setup {
+        scoring: Scoring {
+            reading: statistic,
+            ..s.scoring
+        },
+        ..s
+    };
+    let mass = reads && statistic == ReadingStatistic::Mass;
     let parameters = json!({
         "reader": if !reads { None } else if is_url { Some("api-echo") } else { Some("weights") },
         "suspect": a.suspect,
@@ -344,6 +375,8 @@ fn model(a: ModelAuditArgs) -> Result<()> {
         "supervised_with": a.supervised_with,
         "suspect_model": a.suspect_model,
         "reading_piece": (is_url && reads).then(|| api_piece(&a)),
+        "reading_statistic": reads.then_some(statistic),
+        "reading_top": mass.then_some(a.reading_top),
     });
     let (mode, evidence) = if is_url && reads {
         if a.prompts.is_some() {
@@ -500,6 +533,24 @@ impl Reader {
             Reader::Candle(s) => top1_predictions(s, tokens)?,
         })
     }
+
+    /// The mass reading's candidates at every position (at most `limit` each).
+    fn top(
+        &self,
+        tokens: &[u32],
+        limit: usize,
+        threads: Option<usize>,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        Ok(match self {
+            Reader::Engine(m) => {
+                let mut out = Vec::with_capacity(tokens.len());
+                let piece = reading_piece(m.n_ctx_train() as usize);
+                m.read_pieces(tokens, piece, threads, |l| out.push(candidates(l, limit)))?;
+                out
+            }
+            Reader::Candle(s) => top_predictions(s, tokens, limit)?,
+        })
+    }
 }
 
 /// Reading mode's texts, by either reader: (unsupervised, supervised).
@@ -534,8 +585,15 @@ fn reading(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
         )
         .expect("static template"),
     );
+    let threads = a.common.model.threads;
     for t in texts.iter_mut().chain(&mut supervised) {
-        t.predictions = Some(reader.top1(&t.tokens, a.common.model.threads)?);
+        if s.scoring.reading == ReadingStatistic::Mass {
+            let top = reader.top(&t.tokens, a.reading_top as usize, threads)?;
+            t.predictions = Some(top.iter().map(|c| c[0].0).collect());
+            t.top = Some(top);
+        } else {
+            t.predictions = Some(reader.top1(&t.tokens, threads)?);
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -578,7 +636,9 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     let client = rt
         .block_on(EchoClient::connect(&cfg))
         .with_context(|| format!("querying the suspect at {}", a.suspect))?;
-    let mut cache = ReadingCache::open(a.bundle.as_deref(), &a.suspect, client.model())?;
+    let mass = s.scoring.reading == ReadingStatistic::Mass;
+    let logprobs = if mass { a.reading_top } else { 1 };
+    let mut cache = ReadingCache::open(a.bundle.as_deref(), &a.suspect, client.model(), logprobs)?;
     let mut wanted: Vec<Vec<u32>> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for t in texts.iter().chain(&supervised) {
@@ -609,7 +669,7 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
             let (client, map, sem) = (client.clone(), map.clone(), sem.clone());
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await.expect("semaphore open");
-                let r = client.read(&piece, &map).await;
+                let r = client.read(&piece, &map, logprobs).await;
                 (piece, r)
             });
         }
@@ -622,7 +682,7 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
             };
             match r {
                 Ok(r) => {
-                    cache.insert(piece, r.predictions)?;
+                    cache.insert(piece, r.predictions, r.top)?;
                     bar.inc(1);
                 }
                 Err(e) => {
@@ -655,15 +715,26 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
     let mut positions = 0usize;
     for t in texts.iter_mut().chain(&mut supervised) {
         let mut preds = Vec::with_capacity(t.tokens.len());
+        let mut top = Vec::with_capacity(t.tokens.len());
         for piece in t.tokens.chunks(piece_len) {
             let read = &cache.readings[piece];
-            for p in read {
+            for p in &read.predictions {
                 unknown += usize::from(p.is_none());
                 preds.push(p.unwrap_or(isotope_watermark::NO_PREDICTION));
+            }
+            if mass {
+                top.extend(
+                    read.top
+                        .iter()
+                        .map(|c| select_candidates(c.clone(), logprobs as usize)),
+                );
             }
         }
         positions += preds.len();
         t.predictions = Some(preds);
+        if mass {
+            t.top = Some(top);
+        }
     }
     if unknown > 0 {
         eprintln!(
@@ -680,14 +751,14 @@ fn reading_via_api(s: &Setup, a: &ModelAuditArgs) -> Result<Evidence> {
 
 /// Predictions of an API suspect per piece read, kept in a bundle as they arrive.
 struct ReadingCache {
-    readings: std::collections::HashMap<Vec<u32>, Vec<Option<u32>>>,
+    readings: std::collections::HashMap<Vec<u32>, CachedReading>,
     file: Option<(PathBuf, std::fs::File)>,
 }
 
 impl ReadingCache {
     const FILE: &'static str = "readings.jsonl";
 
-    fn open(bundle: Option<&Path>, suspect: &str, model: &str) -> Result<Self> {
+    fn open(bundle: Option<&Path>, suspect: &str, model: &str, logprobs: u32) -> Result<Self> {
         use std::io::Write;
         let mut readings = std::collections::HashMap::new();
         let Some(dir) = bundle else {
@@ -698,7 +769,7 @@ impl ReadingCache {
         };
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(Self::FILE);
-        let header = json!({"suspect": suspect, "model": model});
+        let header = json!({"suspect": suspect, "model": model, "logprobs": logprobs});
         if path.exists() {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -709,16 +780,19 @@ impl ReadingCache {
                 .unwrap_or_default();
             if first != header {
                 bail!(
-                    "{} holds readings of another suspect ({first}); use another --bundle \
-                     directory for {suspect} (model {model})",
+                    "{} holds readings of another suspect or with other settings ({first}); use \
+                     another --bundle directory for {suspect} (model {model}, {logprobs} \
+                     log-probs per position)",
                     path.display()
                 );
             }
             for line in lines {
                 // A line cut short by an interruption is read again.
                 if let Ok(r) = serde_json::from_str::<CachedReading>(line) {
-                    if r.predictions.len() == r.piece.len() {
-                        readings.insert(r.piece, r.predictions);
+                    let complete = r.predictions.len() == r.piece.len()
+                        && (logprobs == 1 || r.top.len() == r.piece.len());
+                    if complete {
+                        readings.insert(r.piece.clone(), r);
                     }
                 }
             }
@@ -737,24 +811,35 @@ impl ReadingCache {
         })
     }
 
-    fn insert(&mut self, piece: Vec<u32>, predictions: Vec<Option<u32>>) -> Result<()> {
+    fn insert(
+        &mut self,
+        piece: Vec<u32>,
+        predictions: Vec<Option<u32>>,
+        top: Vec<Vec<(u32, f32)>>,
+    ) -> Result<()> {
         use std::io::Write;
+        let r = CachedReading {
+            piece,
+            predictions,
+            top,
+        };
         if let Some((path, f)) = &mut self.file {
-            let line = serde_json::to_string(&CachedReading {
-                piece: piece.clone(),
-                predictions: predictions.clone(),
-            })?;
+            let line = serde_json::to_string(&r)?;
             writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
         }
-        self.readings.insert(piece, predictions);
+        self.readings.insert(r.piece.clone(), r);
         Ok(())
     }
 }
 
+/// One piece read through the API: its top-1 per position and every listed
+/// candidate with its log-prob.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CachedReading {
     piece: Vec<u32>,
     predictions: Vec<Option<u32>>,
+    #[serde(default)]
+    top: Vec<Vec<(u32, f32)>>,
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {

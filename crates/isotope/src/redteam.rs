@@ -182,6 +182,7 @@ pub fn redteam(a: RedteamArgs) -> Result<()> {
     )
     .with_context(|| format!("loading the tokenizer of {}", cfg.model.display()))?;
     let scoring = Scoring {
+        reading: isotope_audit::ReadingStatistic::default_for(&scheme),
         scheme,
         excluded: excluded(&model),
         common: common_list(&model, None, false)?,

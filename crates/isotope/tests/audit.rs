@@ -208,21 +208,52 @@ fn audit_model_reading_mode_and_bad_input() {
         .arg(&gguf)
         .args(["--tokenizer-gguf", &model()]));
     assert_eq!(code, 0, "{stderr}");
-    let (code, stdout, stderr) = run(isotope()
-        .args(["audit", "model", "--json", "--suspect"])
-        .arg(&gguf)
-        .arg("--supervised-with")
-        .arg(&ours)
-        .arg("--watermark-key")
-        .arg(&k1));
-    assert_eq!(code, 0, "{stderr}");
-    let g: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let read_gguf = |statistic: &str| {
+        let (code, stdout, stderr) = run(isotope()
+            .args(["audit", "model", "--json", "--reading-statistic", statistic])
+            .arg("--suspect")
+            .arg(&gguf)
+            .arg("--supervised-with")
+            .arg(&ours)
+            .arg("--watermark-key")
+            .arg(&k1));
+        assert_eq!(code, 0, "{stderr}");
+        (
+            serde_json::from_str::<Value>(stdout.trim()).unwrap(),
+            stderr,
+        )
+    };
+    // The untrained model is flat: no candidate reaches 1/128, so the mass statistic
+    // (the default) counts each window's top-1 with weight 1 — the top-1 test.
+    let (m, _) = read_gguf("mass");
+    let (g, _) = read_gguf("top1");
+    assert_eq!(m["reading_statistic"], "mass");
+    let first = |v: &Value| v["variants"][0]["per_key"][0]["p_value"].clone();
+    assert_eq!(first(&m), first(&g), "{m}\n{g}");
     assert_eq!(g["mode"], "reading");
     // Only our outputs read: the supervised variant alone, nothing to correct for.
     assert_eq!(names(&g), ["supervised"]);
     assert_eq!(g["p_value"], g["variants"][0]["p_value"]);
     assert!(g["scored_tokens"].as_u64().unwrap() > 20, "{g}");
     assert!(g["p_value"].as_f64().unwrap() > 1e-3, "{g}");
+    // The mass statistic needs a window-seeded green list.
+    let (code, _, stderr) = run(isotope()
+        .args([
+            "audit",
+            "model",
+            "--scheme",
+            "gumbel",
+            "--reading-statistic",
+            "mass",
+        ])
+        .arg("--suspect")
+        .arg(&gguf)
+        .arg("--supervised-with")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--reading-statistic top1"), "{stderr}");
     // A file that is not a GGUF is refused with its name.
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, "not a model").unwrap();
@@ -416,18 +447,20 @@ fn reading_through_an_api_equals_reading_the_weights() {
         let v: Value = serde_json::from_str(stdout.trim()).unwrap();
         (v, stderr)
     };
-    let predictions = |bundle: &Path| -> Vec<Value> {
+    // One field of every text a bundle's reader read.
+    let field = |bundle: &Path, name: &str| -> Vec<Value> {
         ["texts.jsonl", "supervised.jsonl"]
             .iter()
             .flat_map(|f| {
                 std::fs::read_to_string(bundle.join(f))
                     .unwrap()
                     .lines()
-                    .map(|l| serde_json::from_str::<Value>(l).unwrap()["predictions"].clone())
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()[name].clone())
                     .collect::<Vec<_>>()
             })
             .collect()
     };
+    let predictions = |bundle: &Path| field(bundle, "predictions");
     let by_file = dir.path().join("by-file");
     let (w, _) = audit(&model(), &by_file, &[]);
     let by_api = dir.path().join("by-api");
@@ -438,11 +471,23 @@ fn reading_through_an_api_equals_reading_the_weights() {
     assert_eq!(a["variants"], w["variants"], "api {a}\nweights {w}");
     assert_eq!(a["p_value"], w["p_value"]);
     assert_eq!(predictions(&by_api), predictions(&by_file));
+    // The default statistic for this scheme is the green mass: the candidate lists
+    // (ids, log-probs) read through the API are the file's too.
+    assert_eq!(a["reading_statistic"], "mass", "{a}");
+    let tops = |bundle: &Path| field(bundle, "top");
+    let api_tops = tops(&by_api);
+    assert!(api_tops.iter().all(|t| t.is_array()));
+    assert_eq!(api_tops, tops(&by_file));
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(by_api.join("bundle.json")).unwrap())
             .unwrap();
     assert_eq!(manifest["parameters"]["reader"], "api-echo", "{manifest}");
     assert_eq!(manifest["parameters"]["reading_piece"], 1024, "{manifest}");
+    assert_eq!(
+        manifest["parameters"]["reading_statistic"], "mass",
+        "{manifest}"
+    );
+    assert_eq!(manifest["parameters"]["reading_top"], 20, "{manifest}");
     let (code, stdout, stderr) = run(isotope()
         .args(["audit", "verify"])
         .arg(&by_api)

@@ -3,7 +3,7 @@
 //! *model* trained on our watermarked outputs?
 //!
 //! Everything an audit computes derives from an [`Evidence`] — the texts scored, the
-//! prompts whose windows are left out, and in reading mode the suspect's top-1
+//! prompts whose windows are left out, and in reading mode the suspect's
 //! predictions — through one function, [`score`]. An evidence bundle
 //! ([`bundle`]) stores the evidence, so `verify` re-runs exactly the same
 //! computation from the files and a third party given the key later gets the same
@@ -78,7 +78,8 @@ pub enum Mode {
     Text,
     /// A suspect model's outputs to our prompts, through its API.
     BlackBox,
-    /// A suspect model's top-1 predictions on texts fed to it (weights in hand).
+    /// A suspect model's predictions on texts fed to it (weights in hand, or an API
+    /// that echoes prompt log-probs).
     Reading,
 }
 
@@ -219,8 +220,8 @@ pub struct ScoredTuple {
     /// Position in the text of the token after the window.
     pub position: usize,
     pub window: Vec<u32>,
-    /// The token scored: the text's own (text, black-box) or the suspect's top-1
-    /// (reading).
+    /// The token scored: the text's own (text, black-box), the suspect's top-1
+    /// (reading, top-1 statistic) or one of its candidates (mass statistic).
     pub token: u32,
     /// Its keyed value (green 0/1, Gumbel score, SynthID bits).
     pub value: f64,

@@ -482,8 +482,8 @@ impl Detector {
     /// probability towards green candidates at every window it learned, but its
     /// top-1 changes only where two candidates were nearly tied; the mass sees the
     /// shift everywhere. On the session-14 red-team students (KGW h = 1, 6,164
-    /// windows), the 100% student reads 1e-42 by mass against 1e-14 by top-1, and
-    /// the 25% mixture 3e-5 against 0.35.
+    /// windows; `audit model`, corrected p) the 100% student reads 6e-43 by mass
+    /// against 1e-15 by top-1, and the 25% mixture 5.5e-6 against 9e-3.
     ///
     /// Control tokens and common tuples count for nothing; a candidate listed twice
     /// is scored once; [`NO_PREDICTION`] entries are skipped. Panics (debug) unless the

@@ -125,17 +125,10 @@ impl ReadingStatistic {
     /// The statistic a reading of `scheme` uses unless told otherwise: the mass where
     /// the scheme has one.
     pub fn default_for(scheme: &Scheme) -> Self {
-        if mass_supported(scheme) {
+        if scheme.supports_mass_reading() {
             ReadingStatistic::Mass
         } else {
             ReadingStatistic::Top1
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ReadingStatistic::Top1 => "top1",
-            ReadingStatistic::Mass => "mass",
         }
     }
 }
@@ -151,12 +144,6 @@ impl std::str::FromStr for ReadingStatistic {
             )),
         }
     }
-}
-
-/// Whether `scheme` has a window-seeded green list, which the mass statistic needs.
-pub fn mass_supported(scheme: &Scheme) -> bool {
-    let key = Arc::new(WatermarkKey::from_bytes([0; 32]));
-    Detector::new(key, scheme.clone(), ExcludedTokens::from(Vec::new())).supports_mass_reading()
 }
 
 /// Everything a result is computed from.
@@ -320,7 +307,7 @@ pub fn score(
                 ("supervised", &evidence.supervised),
             ];
             let mass = scoring.reading == ReadingStatistic::Mass;
-            if mass && !mass_supported(&scoring.scheme) {
+            if mass && !scoring.scheme.supports_mass_reading() {
                 return Err(AuditError::Input {
                     origin: scoring.scheme.to_string(),
                     message: "the mass reading statistic needs a KGW scheme with a window \

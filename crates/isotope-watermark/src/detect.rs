@@ -380,20 +380,31 @@ impl Detector {
         if candidate == NO_PREDICTION {
             return PairOutcome::NoPrediction;
         }
-        if self
-            .excluded
-            .get(candidate as usize)
+        self.score_candidate(tally, &mut prf, window, candidate, 1)
+    }
+
+    /// One candidate at a window being read for the first time: not scored if it is a
+    /// control token or a common tuple, else its keyed value is added at `weight`.
+    fn score_candidate(
+        &self,
+        tally: &mut Tally,
+        prf: &mut WindowPrf,
+        window: &[u32],
+        candidate: u32,
+        weight: u8,
+    ) -> PairOutcome {
+        if (self.excluded.get(candidate as usize))
             .copied()
             .unwrap_or(false)
         {
             return PairOutcome::Control;
         }
-        if self.is_common(&prf, window, candidate) {
+        if self.is_common(prf, window, candidate) {
             tally.common += 1;
             return PairOutcome::Common;
         }
-        let v = self.value(&mut prf, window, candidate);
-        tally.add(1, v);
+        let v = self.value(prf, window, candidate);
+        tally.add(weight, v);
         PairOutcome::Scored(v)
     }
 
@@ -441,21 +452,6 @@ impl Detector {
         }
     }
 
-    /// Whether [`Detector::tally_reading_mass`] can score this scheme: KGW with a
-    /// window seed (LeftHash or MinHash), whose green bits for different candidates
-    /// after one seed are distinct keyed words — independent Bernoulli(γ′) trials.
-    /// (SelfHash gives each candidate its own seed, Unigram has one seed for every
-    /// window, Gumbel and SynthID have no green list.)
-    pub fn supports_mass_reading(&self) -> bool {
-        matches!(
-            self.scheme,
-            Scheme::Kgw {
-                seeding: Seeding::Left | Seeding::Min,
-                ..
-            }
-        )
-    }
-
     /// Reading mode scored by the suspect's **green probability mass** instead of
     /// its top-1 alone: at a window's first reading, every candidate `v` the suspect
     /// gives probability `q` counts with the integer weight [`mass_weight`]`(q)` =
@@ -487,7 +483,7 @@ impl Detector {
     ///
     /// Control tokens and common tuples count for nothing; a candidate listed twice
     /// is scored once; [`NO_PREDICTION`] entries are skipped. Panics (debug) unless the
-    /// scheme [supports](Detector::supports_mass_reading) it.
+    /// scheme [supports](Scheme::supports_mass_reading) it.
     pub fn tally_reading_mass(
         &self,
         tally: &mut Tally,
@@ -495,7 +491,7 @@ impl Detector {
         top: &[Vec<(u32, f32)>],
         mut on_pair: impl FnMut(usize, &[u32], u32, u8, PairOutcome),
     ) {
-        debug_assert!(self.supports_mass_reading());
+        debug_assert!(self.scheme.supports_mass_reading());
         let h = self.scheme.context();
         let end = tokens.len().min(top.len());
         let mut done: Vec<u32> = Vec::new();
@@ -514,18 +510,8 @@ impl Detector {
                     PairOutcome::RepeatedWindow
                 } else if candidate == NO_PREDICTION || weight == 0 || done.contains(&candidate) {
                     PairOutcome::NoPrediction
-                } else if (self.excluded.get(candidate as usize))
-                    .copied()
-                    .unwrap_or(false)
-                {
-                    PairOutcome::Control
-                } else if self.is_common(&prf, window, candidate) {
-                    tally.common += 1;
-                    PairOutcome::Common
                 } else {
-                    let v = self.value(&mut prf, window, candidate);
-                    tally.add(weight, v);
-                    PairOutcome::Scored(v)
+                    self.score_candidate(tally, &mut prf, window, candidate, weight)
                 };
                 if candidate != NO_PREDICTION {
                     done.push(candidate);

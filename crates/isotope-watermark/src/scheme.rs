@@ -130,6 +130,22 @@ impl Scheme {
     }
 
     /// Context width `h` (0 for Unigram).
+    /// Whether reading mode can score this scheme by green probability mass
+    /// ([`crate::Detector::tally_reading_mass`]): KGW with a window seed (LeftHash or
+    /// MinHash), whose green bits for different candidates after one seed are
+    /// distinct keyed words — independent Bernoulli(γ′) trials. (SelfHash gives each
+    /// candidate its own seed, Unigram has one seed for every window, Gumbel and
+    /// SynthID have no green list.)
+    pub fn supports_mass_reading(&self) -> bool {
+        matches!(
+            self,
+            Scheme::Kgw {
+                seeding: Seeding::Left | Seeding::Min,
+                ..
+            }
+        )
+    }
+
     pub fn context(&self) -> usize {
         match *self {
             Scheme::Kgw { context, .. }

@@ -349,7 +349,7 @@ fn model(a: ModelAuditArgs) -> Result<()> {
     let is_url = a.suspect.starts_with("http://") || a.suspect.starts_with("https://");
     let reads = !a.texts.is_empty() || !a.supervised_with.is_empty();
     let statistic = match a.reading_statistic {
-        Some(ReadingStatistic::Mass) if !isotope_audit::mass_supported(&s.scoring.scheme) => bail!(
+        Some(ReadingStatistic::Mass) if !s.scoring.scheme.supports_mass_reading() => bail!(
             "--reading-statistic mass needs a KGW scheme with a window seed (seeding=left or \
              min), not {}: use --reading-statistic top1",
             s.scoring.scheme

@@ -329,6 +329,10 @@ pub struct AuditPoint {
     /// Reading the harvest.
     pub supervised_p: Option<f64>,
     pub scored_tokens: u64,
+    /// Texts the supervised reading read. A kept point is reused only when this
+    /// matches (points of older runs, without it, are read again).
+    #[serde(default)]
+    pub supervised_texts: Option<usize>,
 }
 
 /// Open the store of a server directory.
@@ -835,7 +839,7 @@ fn student_arm(
     keys: &[Arc<WatermarkKey>],
     scoring: &Scoring,
     events: &mut (dyn FnMut(Event) + Send),
-) -> Result<report::ArmStudent> {
+) -> Result<(report::ArmStudent, Student)> {
     let dir = cfg.out.join(name);
     let data_path = dir.join("harvest.jsonl");
     let data = load_jsonl(&data_path, Some(tok), &DataOptions::default())?;
@@ -855,6 +859,7 @@ fn student_arm(
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    points.retain(|p| p.supervised_texts == Some(ours.len()));
     let per_epoch = data.examples.len().div_ceil(cfg.batch_size);
     let total = per_epoch * cfg.epochs;
     let mut last = None;
@@ -905,6 +910,7 @@ fn student_arm(
             unsupervised_p: variant("unsupervised"),
             supervised_p: variant("supervised"),
             scored_tokens: r.scored_tokens,
+            supervised_texts: Some(ours.len()),
         });
         std::fs::write(
             &points_path,
@@ -935,7 +941,7 @@ fn student_arm(
         events,
     )?;
     let log = read_train_log(&student_dir)?;
-    Ok(report::ArmStudent {
+    let arm = report::ArmStudent {
         params: rep.params,
         examples: rep.examples,
         steps: rep.steps,
@@ -947,7 +953,8 @@ fn student_arm(
         points,
         reading,
         black_box,
-    })
+    };
+    Ok((arm, student))
 }
 
 /// Directory name of the mixture with watermarked share `fraction` (`mix-25`, `mix-5`,
@@ -958,20 +965,23 @@ fn mix_name(fraction: f64) -> String {
 }
 
 /// Write `OUT/NAME/harvest.jsonl`: every prompt both arms answered, from the
-/// watermarked arm for a seeded random `fraction` of them and from the control arm for
-/// the rest. One permutation per run, so the watermarked prompts of a smaller fraction
-/// are a subset of a larger one's (the mixtures differ only in what they add). Returns
-/// (examples, watermarked examples).
-fn write_mix(cfg: &RedteamConfig, fraction: f64, name: &str) -> Result<(usize, usize)> {
-    let wm = read_records(&cfg.out.join(Arm::Watermarked.name()).join("harvest.jsonl"))?;
-    let control: HashMap<String, HarvestRecord> =
-        read_records(&cfg.out.join(Arm::Control.name()).join("harvest.jsonl"))?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect();
-    let mut pairs: Vec<(HarvestRecord, &HarvestRecord)> = wm
-        .into_iter()
-        .filter_map(|w| control.get(&w.id).map(|c| (w, c)))
+/// watermarked arm (`wm`) for a seeded random `fraction` of them and from the control
+/// arm (`control`) for the rest. One permutation per run, so the watermarked prompts
+/// of a smaller fraction are a subset of a larger one's (the mixtures differ only in
+/// what they add). Returns the mixture's size and its watermarked answers: what we
+/// served to a harvester whose training set this is.
+fn write_mix(
+    cfg: &RedteamConfig,
+    wm: &[HarvestRecord],
+    control: &[HarvestRecord],
+    fraction: f64,
+    name: &str,
+) -> Result<(usize, Vec<HarvestRecord>)> {
+    let control: HashMap<&str, &HarvestRecord> =
+        control.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut pairs: Vec<(&HarvestRecord, &HarvestRecord)> = wm
+        .iter()
+        .filter_map(|w| control.get(w.id.as_str()).map(|c| (w, *c)))
         .collect();
     // Harvest order depends on which request finished first; sort by id first so the
     // permutation, and so the mixture, is a function of the seed alone.
@@ -986,13 +996,17 @@ fn write_mix(cfg: &RedteamConfig, fraction: f64, name: &str) -> Result<(usize, u
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let path = dir.join("harvest.jsonl");
     let mut text = String::new();
-    for ((w, c), wm) in pairs.iter().zip(&from_wm) {
-        let r = if *wm { w } else { *c };
+    let mut served = Vec::with_capacity(take);
+    for (&(w, c), wm) in pairs.iter().zip(&from_wm) {
+        let r = if *wm { w } else { c };
         text.push_str(&serde_json::to_string(r).expect("serialises"));
         text.push('\n');
+        if *wm {
+            served.push(w.clone());
+        }
     }
     std::fs::write(&path, text).map_err(io_err(&path))?;
-    Ok((pairs.len(), take))
+    Ok((pairs.len(), served))
 }
 
 /// Everything the sentinel did in the watermarked teacher, from its store.
@@ -1241,9 +1255,9 @@ pub fn run(
 
     let tok = StudentTokenizer::from_gguf(&cfg.model)?;
     let ours: Vec<EvidenceText> = wm_records
-        .into_iter()
+        .iter()
         .take(cfg.audit_texts)
-        .map(|r| evidence_text(model, r.id, r.response))
+        .map(|r| evidence_text(model, r.id.clone(), r.response.clone()))
         .collect();
     let fresh: Vec<EvidenceText> = fresh
         .into_iter()
@@ -1251,32 +1265,52 @@ pub fn run(
         .collect();
     let mut students = Vec::new();
     for arm in [Arm::Watermarked, Arm::Control] {
-        students.push(student_arm(
-            cfg,
-            arm.name(),
-            &tok,
-            model,
-            &fresh,
-            &ours,
-            &heldout,
-            &keys,
-            scoring,
-            events,
-        )?);
+        students.push(
+            student_arm(
+                cfg,
+                arm.name(),
+                &tok,
+                model,
+                &fresh,
+                &ours,
+                &heldout,
+                &keys,
+                scoring,
+                events,
+            )?
+            .0,
+        );
     }
     let mut mixes = Vec::new();
+    let control_records = if cfg.mixes.is_empty() {
+        Vec::new()
+    } else {
+        read_records(&cfg.out.join(Arm::Control.name()).join("harvest.jsonl"))?
+    };
     for &fraction in &cfg.mixes {
         let name = mix_name(fraction);
-        let (examples, watermarked_examples) = write_mix(cfg, fraction, &name)?;
-        let student = student_arm(
-            cfg, &name, &tok, model, &fresh, &ours, &heldout, &keys, scoring, events,
+        let (examples, served) = write_mix(cfg, &wm_records, &control_records, fraction, &name)?;
+        // Supervised: what we served to the harvester whose training set this is.
+        let own: Vec<EvidenceText> = served
+            .iter()
+            .take(cfg.audit_texts)
+            .map(|r| evidence_text(model, r.id.clone(), r.response.clone()))
+            .collect();
+        let (student, weights) = student_arm(
+            cfg, &name, &tok, model, &fresh, &own, &heldout, &keys, scoring, events,
         )?;
+        events(Event::Stage {
+            name: format!("{name}: reading every served answer (diluted)"),
+            total: 0,
+        });
+        let diluted = reading_audit(&weights, &[], &ours, &keys, scoring)?;
         mixes.push(report::MixReport {
             fraction,
             name,
             examples,
-            watermarked_examples,
+            watermarked_examples: served.len(),
             student,
+            diluted_reading: Some(diluted),
         });
     }
     let control_student = students.pop().expect("two arms");
@@ -1447,8 +1481,17 @@ mod tests {
                 .map(|r| r.id)
                 .collect()
         };
-        assert_eq!(write_mix(&cfg, 0.25, "a").unwrap(), (39, 10));
-        assert_eq!(write_mix(&cfg, 0.1, "b").unwrap(), (39, 4));
+        let mix = |cfg: &RedteamConfig, fraction: f64, name: &str| {
+            let (wm, control) = (read("watermarked"), read("control"));
+            let (n, served) = write_mix(cfg, &wm, &control, fraction, name).unwrap();
+            let ids: HashSet<String> = served.iter().map(|r| r.id.clone()).collect();
+            // What it returns as served is what it wrote from the watermarked arm.
+            assert_eq!(ids, wm_ids(name));
+            assert!(served.iter().all(|r| r.response.starts_with("wm")));
+            (n, served.len())
+        };
+        assert_eq!(mix(&cfg, 0.25, "a"), (39, 10));
+        assert_eq!(mix(&cfg, 0.1, "b"), (39, 4));
         assert_eq!(read("a").len(), 39);
         assert!(read("a").iter().all(|r| r.id != "39-0"));
         let (a, b) = (wm_ids("a"), wm_ids("b"));
@@ -1460,15 +1503,14 @@ mod tests {
             "watermarked",
             (0..40).map(|i| record(i, &format!("wm {i}"))).collect(),
         );
-        write_mix(&cfg, 0.25, "c").unwrap();
+        mix(&cfg, 0.25, "c");
         assert_eq!(wm_ids("c"), a);
         // Another seed: another mixture of the same size.
         let other = RedteamConfig {
             seed: 8,
             ..cfg.clone()
         };
-        write_mix(&other, 0.25, "d").unwrap();
-        assert_eq!(wm_ids("d").len(), 10);
+        assert_eq!(mix(&other, 0.25, "d").1, 10);
         assert_ne!(wm_ids("d"), a);
     }
 }

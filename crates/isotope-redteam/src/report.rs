@@ -42,6 +42,13 @@ pub struct ArmReport {
 
 /// A student trained on a mixture: `watermarked_examples` of `examples` harvest
 /// answers come from the watermarked teacher, the rest from the control teacher.
+///
+/// The mixture stands for a harvester that bought `watermarked_examples` answers
+/// from us and trained on them among other data (the control teacher's answers), so
+/// its student's supervised reading reads exactly those answers — what we served it
+/// (Sander et al.'s supervised setting). `diluted_reading` reads every answer the
+/// watermarked arm served instead: a harvester that trained on only this share of
+/// what it bought, and an auditor who cannot tell which share.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MixReport {
     /// Share of prompts answered by the watermarked teacher, as configured.
@@ -51,6 +58,10 @@ pub struct MixReport {
     pub examples: usize,
     pub watermarked_examples: usize,
     pub student: ArmStudent,
+    /// Supervised reading of every answer the watermarked arm served (the arms'
+    /// supervised set), of which this student trained on `watermarked_examples`.
+    #[serde(default)]
+    pub diluted_reading: Option<AuditResult>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -266,8 +277,9 @@ pub fn render_html(r: &Report) -> String {
     // Headline table.
     h.push_str("<h2>Audits</h2><table><tr><th>student</th><th>trained on</th><th>harvest tokens</th>\
         <th>reading, unsupervised p</th><th>reading, supervised p</th><th>reading p (corrected)</th>\
-        <th>black-box p (held-out prompts)</th><th>black-box tuples</th></tr>");
-    let mut rows: Vec<(String, String, u64, &ArmStudent)> = Vec::new();
+        <th>black-box p (held-out prompts)</th><th>black-box tuples</th>\
+        <th>supervised p, every served answer (diluted)</th></tr>");
+    let mut rows: Vec<(String, String, u64, &ArmStudent, Option<&AuditResult>)> = Vec::new();
     for a in &r.arms {
         let what = if a.arm == Arm::Watermarked {
             "watermarked teacher output (100%)"
@@ -279,6 +291,7 @@ pub fn render_html(r: &Report) -> String {
             what.into(),
             a.harvest.completion_tokens,
             &a.student,
+            None,
         ));
     }
     for m in &r.mixes {
@@ -292,9 +305,10 @@ pub fn render_html(r: &Report) -> String {
             ),
             m.student.response_tokens,
             &m.student,
+            m.diluted_reading.as_ref(),
         ));
     }
-    for (name, what, tokens, s) in &rows {
+    for (name, what, tokens, s, diluted) in &rows {
         let v = |n: &str| {
             s.reading
                 .variants
@@ -305,7 +319,7 @@ pub fn render_html(r: &Report) -> String {
         };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><b>{}</b></td><td><b>{}</b></td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><b>{}</b></td><td><b>{}</b></td><td>{}</td><td>{}</td></tr>",
             esc(name),
             esc(what),
             tokens,
@@ -313,11 +327,12 @@ pub fn render_html(r: &Report) -> String {
             v("supervised"),
             p_fmt(s.reading.p_value),
             p_fmt(s.black_box.p_value),
-            s.black_box.scored_tokens
+            s.black_box.scored_tokens,
+            diluted.map_or_else(|| "–".into(), |d| p_fmt(d.p_value))
         );
     }
     h.push_str("</table>");
-    let mass = rows.iter().any(|(_, _, _, s)| {
+    let mass = rows.iter().any(|(_, _, _, s, _)| {
         s.reading.reading_statistic == Some(isotope_audit::ReadingStatistic::Mass)
     });
     let what = if mass {
@@ -331,8 +346,12 @@ pub fn render_html(r: &Report) -> String {
     };
     let _ = write!(
         h,
-        "<p class=\"note\">Reading mode: {what}. <i>Supervised</i>: it reads the harvest (the answers it may have \
-         trained on). <i>Unsupervised</i>: it reads new answers of the watermarked teacher \
+        "<p class=\"note\">Reading mode: {what}. <i>Supervised</i>: it reads the answers we served to its harvester \
+         (an arm's harvest; for a mixture, the watermarked answers in its training set: a \
+         harvester that bought those and diluted them with other data). <i>Diluted</i> \
+         (mixtures): it reads every answer the watermarked arm served instead, as if the \
+         harvester had trained on only that share of what it bought and the auditor could \
+         not tell which. <i>Unsupervised</i>: it reads new answers of the watermarked teacher \
          to the held-out prompts, which no student trained on — the test when the training \
          data is not known. <i>Corrected</i>: the smaller p of the two, × 2. \
          <i>Black-box</i>: the student answers {} held-out prompts (up to {} tokens each, \

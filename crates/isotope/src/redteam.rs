@@ -237,11 +237,14 @@ pub fn redteam(a: RedteamArgs) -> Result<()> {
     }
     for m in &report.mixes {
         println!(
-            "  {:<12} {} of {} answers watermarked · reading p = {:.3e} · black-box p = {:.3e} · final loss {:.3}",
+            "  {:<12} {} of {} answers watermarked · reading p = {:.3e} (diluted by every served answer {}) · black-box p = {:.3e} · final loss {:.3}",
             m.name,
             m.watermarked_examples,
             m.examples,
             m.student.reading.p_value,
+            m.diluted_reading
+                .as_ref()
+                .map_or_else(|| "–".into(), |d| format!("{:.3e}", d.p_value)),
             m.student.black_box.p_value,
             m.student.final_loss
         );

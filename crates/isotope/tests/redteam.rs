@@ -163,6 +163,28 @@ fn redteam_tiny_end_to_end_and_resume() {
     assert_eq!(mix["examples"], 6, "{mix}");
     assert_eq!(mix["watermarked_examples"], 3, "{mix}");
     assert_eq!(mix["student"]["points"].as_array().unwrap().len(), 2);
+    // Its supervised reading reads the answers we served to its harvester (its three
+    // watermarked ones); the diluted reading every answer the watermarked arm served.
+    for p in mix["student"]["points"].as_array().unwrap() {
+        assert_eq!(p["supervised_texts"], 3, "{p}");
+    }
+    for p in v["arms"][0]["student"]["points"].as_array().unwrap() {
+        assert_eq!(p["supervised_texts"], 6, "{p}");
+    }
+    let sup_tuples = |r: &Value| {
+        r["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "supervised")
+            .map(|x| x["per_key"][0]["scored_tokens"].as_u64().unwrap())
+            .unwrap()
+    };
+    let diluted = &mix["diluted_reading"];
+    assert!(
+        sup_tuples(diluted) > sup_tuples(&mix["student"]["reading"]),
+        "{diluted}"
+    );
     let lines = |arm: &str| -> Vec<Value> {
         std::fs::read_to_string(out.join(arm).join("harvest.jsonl"))
             .unwrap()

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::error::{DistillError, Result};
-use crate::harvest::{default_model, endpoint_urls, error_message, retry_after};
+use crate::harvest::{default_model, endpoint_urls, error_message, retry_after, retryable_status};
 
 /// The filler token sent after each piece (its own log-prob is never read). Id 0
 /// exists in every vocabulary.
@@ -271,23 +271,24 @@ impl EchoClient {
                 Ok(resp) => {
                     let status = resp.status();
                     let wait = retry_after(resp.headers());
-                    let text = resp
-                        .text()
-                        .await
-                        .map_err(|e| fail(format!("reading the response: {e}")))?;
-                    if status.is_success() {
-                        let v: Value = serde_json::from_str(&text)
-                            .map_err(|e| fail(format!("invalid JSON response: {e}")))?;
-                        return parse_echo(&v, piece, map).map_err(fail);
+                    match resp.text().await {
+                        // a connection cut mid-body: ask again, as for a failed send
+                        Err(e) => (format!("reading the response: {e}"), None),
+                        Ok(text) if status.is_success() => {
+                            let v: Value = serde_json::from_str(&text)
+                                .map_err(|e| fail(format!("invalid JSON response: {e}")))?;
+                            return parse_echo(&v, piece, map).map_err(fail);
+                        }
+                        Ok(text) => {
+                            let msg = format!("HTTP {}: {}", status.as_u16(), error_message(&text));
+                            if !retryable_status(status) {
+                                // 400 (echo or token-id prompts refused), 401/403/404:
+                                // asking again changes nothing.
+                                return Err(fail(msg));
+                            }
+                            (msg, wait)
+                        }
                     }
-                    let msg = format!("HTTP {}: {}", status.as_u16(), error_message(&text));
-                    let s = status.as_u16();
-                    if !(s == 429 || s == 408 || status.is_server_error()) {
-                        // 400 (echo or token-id prompts refused), 401/403/404: asking
-                        // again changes nothing.
-                        return Err(fail(msg));
-                    }
-                    (msg, wait)
                 }
             };
             if attempt >= self.max_retries {

@@ -456,6 +456,13 @@ enum Outcome {
     Failed(String),
 }
 
+/// Statuses worth asking again for: rate limited (429), timed out (408), or the
+/// server's own failure (5xx). Anything else (400, 401, 403, 404, …) answers the
+/// same the next time. Shared by the harvester and the echo reader.
+pub(crate) fn retryable_status(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 408) || status.is_server_error()
+}
+
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
@@ -562,10 +569,10 @@ async fn fetch_one(sh: &Shared, prompt: &Prompt, sample: usize) -> Outcome {
                                     return Outcome::Failed(msg);
                                 }
                                 Err((msg, true, wait))
-                            } else if status.is_server_error() {
-                                sh.server_errors.fetch_add(1, Ordering::Relaxed);
-                                Err((msg, true, wait))
-                            } else if status.as_u16() == 408 {
+                            } else if retryable_status(status) {
+                                if status.is_server_error() {
+                                    sh.server_errors.fetch_add(1, Ordering::Relaxed);
+                                }
                                 Err((msg, true, wait))
                             } else if matches!(status.as_u16(), 401 | 403 | 404) {
                                 sh.fatal(msg.clone());

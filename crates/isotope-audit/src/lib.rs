@@ -450,7 +450,9 @@ pub fn candidates(logits: &[f32], limit: usize) -> Vec<(u32, f32)> {
 /// other at or above [`isotope_watermark::MASS_MIN_PROB`], at most `limit`.
 pub fn select_candidates(mut list: Vec<(u32, f32)>, limit: usize) -> Vec<(u32, f32)> {
     list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    list.dedup_by_key(|c| c.0);
+    // An id listed twice (an API's entries are free text) keeps its likeliest entry.
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|c| seen.insert(c.0));
     let floor = (isotope_watermark::MASS_MIN_PROB as f32).ln();
     let keep = list.iter().skip(1).take_while(|c| c.1 >= floor).count() + 1;
     list.truncate(keep.min(limit.max(1)));
@@ -463,4 +465,33 @@ pub fn select_candidates(mut list: Vec<(u32, f32)>, limit: usize) -> Vec<(u32, f
 /// function of the text read so far, which is all the reading-mode null needs).
 pub fn top1_predictions(student: &Student, tokens: &[u32]) -> Result<Vec<u32>> {
     read_rows(student, tokens, isotope_distill::argmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_ordered_capped_floored_and_listed_once() {
+        let floor = (isotope_watermark::MASS_MIN_PROB as f32).ln();
+        let list = vec![
+            (7, -2.0),
+            (3, -0.5),
+            (7, -1.0), // the same id again, not next to its other entry after sorting
+            (9, -2.0),
+            (4, floor - 1.0),
+            (5, -3.0),
+        ];
+        let got = select_candidates(list.clone(), 10);
+        // likeliest first, ties by lowest id, each id once at its likeliest, nothing
+        // below the floor
+        assert_eq!(got, vec![(3, -0.5), (7, -1.0), (9, -2.0), (5, -3.0)]);
+        assert_eq!(select_candidates(list, 2), vec![(3, -0.5), (7, -1.0)]);
+        // the top-1 stays whatever its probability
+        assert_eq!(
+            select_candidates(vec![(1, -9.0), (2, -9.5)], 20),
+            vec![(1, -9.0)]
+        );
+        assert_eq!(select_candidates(vec![(1, -0.1)], 0), vec![(1, -0.1)]);
+    }
 }

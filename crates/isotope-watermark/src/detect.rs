@@ -67,6 +67,25 @@ pub struct WeightedStatistic {
     pub observed: u64,
 }
 
+impl WeightedStatistic {
+    /// The weighted hit share `observed / Σ w · trials` (γ′ in expectation under the
+    /// null for KGW/Unigram, ½ for SynthID); 0 with no trials. For the mass reading
+    /// this is the suspect's probability on green candidates, where
+    /// [`Detection::statistic`] counts each candidate once.
+    pub fn share(&self) -> f64 {
+        let total: u64 = self
+            .levels
+            .iter()
+            .map(|l| l.trials * u64::from(l.weight))
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            self.observed as f64 / total as f64
+        }
+    }
+}
+
 /// Running totals of a test, so a corpus of many texts is one test with one shared
 /// deduplication set.
 #[derive(Clone, Debug, Default)]

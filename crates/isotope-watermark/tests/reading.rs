@@ -284,7 +284,11 @@ fn mass_reading_spends_each_window_once_and_weighs_by_probability() {
         vec![(3, lp(0.9))],
     ];
     let mut seen = Vec::new();
+    let mut hits = 0.0;
     d.tally_reading_mass(&mut t, &[5, 6, 5], &top, |pos, w, c, weight, o| {
+        if let PairOutcome::Scored(g) = o {
+            hits += g * f64::from(weight);
+        }
         seen.push((
             pos,
             w.to_vec(),
@@ -300,6 +304,10 @@ fn mass_reading_spends_each_window_once_and_weighs_by_probability() {
         .collect();
     assert_eq!(scored, vec![(2, 3, 32), (2, 4, 16)]);
     assert_eq!(t.scored(), 2);
+    // The weighted share is the green probability mass over the scored weight.
+    let w = d.finish(&t).weighted.expect("a mass reading is weighted");
+    assert_eq!(w.observed as f64, hits);
+    assert_eq!(w.share(), hits / 48.0);
     assert_eq!(isotope_watermark::mass_weight(lp(1.0)), 64);
     assert_eq!(isotope_watermark::mass_weight(lp(1.0 / 160.0)), 0);
     assert_eq!(isotope_watermark::mass_weight(lp(1.0 / 100.0)), 1);

@@ -304,13 +304,16 @@ fn print_result(r: &AuditResult, common_filter: bool, json_out: bool) -> Result<
             v.per_key.len(),
             v.best_key_id
         );
-        if v.per_key.len() > 1 {
-            for d in &v.per_key {
-                println!(
-                    "    {} p = {:.3e} over {} tuples, statistic {:.4}",
-                    d.key_id, d.p_value, d.scored_tokens, d.statistic
-                );
-            }
+        for d in &v.per_key {
+            let weighted = d
+                .weighted
+                .as_ref()
+                .map(|w| format!(", weighted share {:.4}", w.share()))
+                .unwrap_or_default();
+            println!(
+                "    {} p = {:.3e} over {} tuples, statistic {:.4}{weighted}",
+                d.key_id, d.p_value, d.scored_tokens, d.statistic
+            );
         }
     }
     Ok(())

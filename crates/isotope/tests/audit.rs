@@ -227,6 +227,23 @@ fn audit_model_reading_mode_and_bad_input() {
     // (the default) counts each window's top-1 with weight 1 — the top-1 test.
     let (m, _) = read_gguf("mass");
     let (g, _) = read_gguf("top1");
+    // The human report lists each key's result, with the weighted (probability-mass)
+    // share when the reading weighed its candidates (this flat model's weights are
+    // all 1, so the tally is the plain top-1 count and has none).
+    let (code, stdout, stderr) = run(isotope()
+        .args(["audit", "model", "--suspect"])
+        .arg(&gguf)
+        .arg("--supervised-with")
+        .arg(&ours)
+        .arg("--watermark-key")
+        .arg(&k1));
+    assert_eq!(code, 0, "{stderr}");
+    let key_line = stdout
+        .lines()
+        .find(|l| l.contains("tuples, statistic"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let weighted = m["variants"][0]["per_key"][0].get("weighted").is_some();
+    assert_eq!(key_line.contains("weighted share"), weighted, "{stdout}");
     assert_eq!(m["reading_statistic"], "mass");
     let first = |v: &Value| v["variants"][0]["per_key"][0]["p_value"].clone();
     assert_eq!(first(&m), first(&g), "{m}\n{g}");

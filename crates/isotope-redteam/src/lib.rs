@@ -751,6 +751,17 @@ fn evidence_text(model: &Model, source: String, text: String) -> EvidenceText {
     }
 }
 
+/// Harvest answers as texts to read (each named by its record id).
+fn answer_texts<'a>(
+    model: &Model,
+    records: impl IntoIterator<Item = &'a HarvestRecord>,
+) -> Vec<EvidenceText> {
+    records
+        .into_iter()
+        .map(|r| evidence_text(model, r.id.clone(), r.response.clone()))
+        .collect()
+}
+
 /// Reading-mode audit of `student`: it reads `fresh` (new outputs of ours it did not
 /// train on: the *unsupervised* variant) and `ours` (the harvest it may have trained
 /// on: the *supervised* variant).
@@ -1254,15 +1265,8 @@ pub fn run(
     drop(rt);
 
     let tok = StudentTokenizer::from_gguf(&cfg.model)?;
-    let ours: Vec<EvidenceText> = wm_records
-        .iter()
-        .take(cfg.audit_texts)
-        .map(|r| evidence_text(model, r.id.clone(), r.response.clone()))
-        .collect();
-    let fresh: Vec<EvidenceText> = fresh
-        .into_iter()
-        .map(|r| evidence_text(model, r.id, r.response))
-        .collect();
+    let ours = answer_texts(model, wm_records.iter().take(cfg.audit_texts));
+    let fresh = answer_texts(model, &fresh);
     let mut students = Vec::new();
     for arm in [Arm::Watermarked, Arm::Control] {
         students.push(
@@ -1291,11 +1295,7 @@ pub fn run(
         let name = mix_name(fraction);
         let (examples, served) = write_mix(cfg, &wm_records, &control_records, fraction, &name)?;
         // Supervised: what we served to the harvester whose training set this is.
-        let own: Vec<EvidenceText> = served
-            .iter()
-            .take(cfg.audit_texts)
-            .map(|r| evidence_text(model, r.id.clone(), r.response.clone()))
-            .collect();
+        let own = answer_texts(model, served.iter().take(cfg.audit_texts));
         let (student, weights) = student_arm(
             cfg, &name, &tok, model, &fresh, &own, &heldout, &keys, scoring, events,
         )?;

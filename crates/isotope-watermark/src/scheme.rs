@@ -129,7 +129,6 @@ impl Scheme {
         }
     }
 
-    /// Context width `h` (0 for Unigram).
     /// Whether reading mode can score this scheme by green probability mass
     /// ([`crate::Detector::tally_reading_mass`]): KGW with a window seed (LeftHash or
     /// MinHash), whose green bits for different candidates after one seed are
@@ -146,6 +145,7 @@ impl Scheme {
         )
     }
 
+    /// Context width `h` (0 for Unigram).
     pub fn context(&self) -> usize {
         match *self {
             Scheme::Kgw { context, .. }

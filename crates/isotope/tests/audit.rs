@@ -208,15 +208,20 @@ fn audit_model_reading_mode_and_bad_input() {
         .arg(&gguf)
         .args(["--tokenizer-gguf", &model()]));
     assert_eq!(code, 0, "{stderr}");
-    let read_gguf = |statistic: &str| {
-        let (code, stdout, stderr) = run(isotope()
-            .args(["audit", "model", "--json", "--reading-statistic", statistic])
+    // `audit model` reading our outputs through the GGUF, with `extra` arguments.
+    let audit_gguf = |extra: &[&str]| {
+        run(isotope()
+            .args(["audit", "model"])
+            .args(extra)
             .arg("--suspect")
             .arg(&gguf)
             .arg("--supervised-with")
             .arg(&ours)
             .arg("--watermark-key")
-            .arg(&k1));
+            .arg(&k1))
+    };
+    let read_gguf = |statistic: &str| {
+        let (code, stdout, stderr) = audit_gguf(&["--json", "--reading-statistic", statistic]);
         assert_eq!(code, 0, "{stderr}");
         (
             serde_json::from_str::<Value>(stdout.trim()).unwrap(),
@@ -230,13 +235,7 @@ fn audit_model_reading_mode_and_bad_input() {
     // The human report lists each key's result, with the weighted (probability-mass)
     // share when the reading weighed its candidates (this flat model's weights are
     // all 1, so the tally is the plain top-1 count and has none).
-    let (code, stdout, stderr) = run(isotope()
-        .args(["audit", "model", "--suspect"])
-        .arg(&gguf)
-        .arg("--supervised-with")
-        .arg(&ours)
-        .arg("--watermark-key")
-        .arg(&k1));
+    let (code, stdout, stderr) = audit_gguf(&[]);
     assert_eq!(code, 0, "{stderr}");
     let key_line = stdout
         .lines()
@@ -254,21 +253,7 @@ fn audit_model_reading_mode_and_bad_input() {
     assert!(g["scored_tokens"].as_u64().unwrap() > 20, "{g}");
     assert!(g["p_value"].as_f64().unwrap() > 1e-3, "{g}");
     // The mass statistic needs a window-seeded green list.
-    let (code, _, stderr) = run(isotope()
-        .args([
-            "audit",
-            "model",
-            "--scheme",
-            "gumbel",
-            "--reading-statistic",
-            "mass",
-        ])
-        .arg("--suspect")
-        .arg(&gguf)
-        .arg("--supervised-with")
-        .arg(&ours)
-        .arg("--watermark-key")
-        .arg(&k1));
+    let (code, _, stderr) = audit_gguf(&["--scheme", "gumbel", "--reading-statistic", "mass"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("--reading-statistic top1"), "{stderr}");
     // A file that is not a GGUF is refused with its name.
